@@ -164,3 +164,43 @@ def load_teacher(
     except Exception as e:  # Orbax/tensorstore errors: report in one line
         raise CheckpointError(f"cannot restore {where}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     return jax.tree_util.tree_map(np.asarray, restored), meta
+
+
+class TrainCheckpointer:
+    """Student training state in ``<workdir>/checkpoints``: keep the last ``keep_last`` plus the best.
+
+    Saves are synchronous (the state is on the host once written), so a run that is killed never leaves a
+    checkpoint that looks complete but is not; Orbax writes into a temporary directory and renames it.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2, keep_best: bool = True):
+        from orbax.checkpoint import checkpoint_managers as policies
+
+        self.directory = pathlib.Path(directory).absolute()
+        keep = [policies.LatestN(n=keep_last)]
+        if keep_best:
+            keep.append(policies.BestN(get_metric_fn=lambda m: m["test_acc"], reverse=False, n=1,
+                                       keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policies.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=False,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, *, test_acc: float) -> None:
+        self.manager.save(step, args=ocp.args.StandardSave(state), metrics={"test_acc": float(test_acc)},
+                          force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state: Any) -> Any:
+        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,209 @@
+"""Configuration: the base ``ml_collections.ConfigDict`` every ``configs/*.py`` starts from, and validation.
+
+Defaults follow SPEC.md section 4 (the CRD/CA-MKD CIFAR-100 recipe). Sentinels: ``distill.warmup_epochs = -1``
+means the method's default (20 for the DKD-based methods ``dkd``/``demkd``, 0 otherwise).
+:func:`validate` checks a config before any data loading or compilation and raises :class:`ConfigError`
+naming the bad value and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import ml_collections
+
+from demkd_jax import data as data_lib
+from demkd_jax import models
+
+METHODS = ("ce", "kd", "dkd", "aver", "ebkd", "camkd", "demkd", "fitnet_mkd")
+SINGLE_TEACHER_METHODS = ("kd", "dkd")
+WEIGHT_SCHEMES = ("camkd", "softmax", "ebkd", "uniform")
+EXECUTIONS = ("auto", "vmap", "loop")
+DTYPES = ("float32", "bfloat16", "float16")
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names it and what was expected."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.dtype = "float32"  # computation dtype; parameters, optimizer state and loss reductions stay float32
+    c.num_epochs = 240
+    c.batch_size = 64
+    c.eval_batch_size = 500
+    # Independent students (different init seeds, same teachers, same data order) trained in one step.
+    c.num_seeds = 1
+    # Teacher training (method "ce"): train this many models at once and write each as a teacher checkpoint.
+    c.ensemble_size = 0
+    c.execution = "auto"  # how the seed/ensemble axis runs: vmap, loop (unrolled), or auto (by backend)
+
+    c.data = data_lib.default_data_config()
+
+    c.student = ml_collections.ConfigDict({"model": "vgg8", "width": 1.0})
+
+    c.teachers = ml_collections.ConfigDict()
+    c.teachers.model = ""  # "" = read from the checkpoints; otherwise checked against them
+    c.teachers.checkpoints = ()  # directories written by the teacher trainer or demkd_jax.convert
+    c.teachers.execution = "auto"  # K teacher forwards: vmap, loop, or auto (by backend)
+    c.teachers.fold_bn = True  # fold frozen teachers' BatchNorm into their convolutions
+    # When no checkpoints are given: train `num` teachers first (in <workdir>/teachers), then distil.
+    c.teachers.num = 3
+    c.teachers.width = 1.0
+    c.teachers.num_epochs = -1  # -1: the student's num_epochs
+    c.teachers.learning_rate = -1.0  # -1: the student's learning rate
+
+    c.distill = ml_collections.ConfigDict()
+    c.distill.method = "demkd"
+    c.distill.features = True  # intermediate-feature term (demkd, camkd)
+    c.distill.weights = "camkd"  # DE-MKD entropy weighting scheme (SPEC section 3)
+    c.distill.weight_temperature = 1.0  # T_w of the entropy
+    c.distill.weight_tau = 1.0  # tau of the "softmax" scheme
+    c.distill.temperature = 4.0
+    c.distill.alpha = 1.0  # TCKD
+    c.distill.beta = 8.0  # NCKD
+    c.distill.ce_weight = 1.0  # gamma
+    c.distill.feature_weight = 50.0  # lambda
+    c.distill.warmup_epochs = -1  # -1: 20 for dkd/demkd, 0 otherwise
+    c.distill.feature_start_epoch = 2  # the feature term is off in epoch 1
+    c.distill.hint_layer = 2  # FitNet-MKD: index into the feature list of student and teachers
+    c.distill.hint_weight = 100.0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 0.05
+    c.optim.momentum = 0.9
+    c.optim.nesterov = True
+    c.optim.weight_decay = 5e-4
+    c.optim.lr_decay_epochs = (150, 180, 210)
+    c.optim.lr_decay_rate = 0.1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_epochs = 1
+    c.checkpoint.keep_last = 2
+    c.checkpoint.keep_best = True
+
+    c.log_every_steps = 50
+    c.on_nonfinite = "stop"  # "stop": halt before anything non-finite is saved; "skip": drop the step
+    c.progress_bar = True
+    return c
+
+
+def _fail(msg: str) -> None:
+    raise ConfigError(msg)
+
+
+def warmup_epochs(config) -> int:
+    w = config.distill.warmup_epochs
+    if w >= 0:
+        return int(w)
+    return 20 if config.distill.method in ("dkd", "demkd") else 0
+
+
+def uses_features(config) -> bool:
+    method = config.distill.method
+    return method == "fitnet_mkd" or (method in ("demkd", "camkd") and bool(config.distill.features))
+
+
+def num_replicas(config) -> int:
+    """Models trained side by side in one step: the teacher ensemble, or the student seeds."""
+    if config.distill.method == "ce" and config.ensemble_size > 0:
+        return int(config.ensemble_size)
+    return int(config.num_seeds)
+
+
+def validate(config, *, workdir: str | None = None) -> None:
+    """Checks everything that can be checked without touching data or compiling."""
+    d, o = config.distill, config.optim
+    if d.method not in METHODS:
+        _fail(f"unknown method {d.method!r} (config.distill.method); expected one of {', '.join(METHODS)}")
+    if d.weights not in WEIGHT_SCHEMES:
+        _fail(f"unknown weighting scheme {d.weights!r} (config.distill.weights); expected one of "
+              f"{', '.join(WEIGHT_SCHEMES)}")
+    for key in ("execution",):
+        if config[key] not in EXECUTIONS:
+            _fail(f"unknown config.{key} {config[key]!r}; expected one of {', '.join(EXECUTIONS)}")
+    if config.teachers.execution not in EXECUTIONS:
+        _fail(f"unknown config.teachers.execution {config.teachers.execution!r}; expected one of "
+              f"{', '.join(EXECUTIONS)}")
+    if config.dtype not in DTYPES:
+        _fail(f"unknown dtype {config.dtype!r} (config.dtype); expected one of {', '.join(DTYPES)}")
+    if config.on_nonfinite not in NONFINITE_POLICIES:
+        _fail(f"unknown config.on_nonfinite {config.on_nonfinite!r}; expected one of {', '.join(NONFINITE_POLICIES)}")
+    if config.student.model not in models.MODEL_NAMES:
+        _fail(f"unknown model name {config.student.model!r} (config.student.model); expected one of: "
+              f"{', '.join(models.MODEL_NAMES)}")
+    if config.teachers.model and config.teachers.model not in models.MODEL_NAMES:
+        _fail(f"unknown model name {config.teachers.model!r} (config.teachers.model); expected one of: "
+              f"{', '.join(models.MODEL_NAMES)}")
+    for name, value in (("optim.learning_rate", o.learning_rate), ("num_epochs", config.num_epochs),
+                        ("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size),
+                        ("num_seeds", config.num_seeds), ("student.width", config.student.width),
+                        ("log_every_steps", config.log_every_steps),
+                        ("checkpoint.every_epochs", config.checkpoint.every_epochs)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            _fail(f"config.{name} must be a positive number, got {value!r}")
+    if config.checkpoint.keep_last < 1:
+        _fail(f"config.checkpoint.keep_last must be >= 1, got {config.checkpoint.keep_last}")
+    if o.weight_decay < 0 or not 0 <= o.momentum < 1:
+        _fail(f"config.optim needs weight_decay >= 0 and 0 <= momentum < 1, got {o.weight_decay}, {o.momentum}")
+    for name in ("temperature", "weight_temperature", "weight_tau"):
+        if not d[name] > 0:
+            _fail(f"config.distill.{name} must be > 0, got {d[name]!r}")
+    if config.ensemble_size < 0:
+        _fail(f"config.ensemble_size must be >= 0, got {config.ensemble_size}")
+    if config.ensemble_size > 0 and d.method != "ce":
+        _fail(f"config.ensemble_size={config.ensemble_size} trains teachers and needs method 'ce', got {d.method!r}; "
+              "use config.num_seeds for several students")
+    if config.ensemble_size > 1 and config.num_seeds > 1:
+        _fail("set either config.ensemble_size (teachers) or config.num_seeds (students), not both")
+
+    if d.method != "ce":
+        ckpts = tuple(config.teachers.checkpoints)
+        k = len(ckpts) if ckpts else config.teachers.num
+        if not ckpts and not config.teachers.model:
+            _fail(f"method {d.method!r} needs teachers: set config.teachers.checkpoints to teacher directories, "
+                  "or config.teachers.model (and teachers.num) to train them first")
+        if d.method in SINGLE_TEACHER_METHODS and k != 1:
+            _fail(f"method {d.method!r} distils from exactly 1 teacher, got {k}; use 'aver' (KD) or 'demkd' "
+                  "(DKD) for several")
+        if d.method not in SINGLE_TEACHER_METHODS and k < 2 and (
+            d.method == "camkd" or (d.method == "demkd" and d.weights in ("camkd", "ebkd"))
+        ):
+            scheme = "CA-MKD" if d.method == "camkd" else f"the {d.weights!r} weights"
+            _fail(f"method {d.method!r} with {k} teacher: {scheme} divide by K - 1, so K must be >= 2")
+        if k < 1:
+            _fail(f"config.teachers.num must be >= 1, got {k}")
+        for path in ckpts:
+            if not os.path.isdir(path):
+                _fail(f"teacher checkpoint directory {path!r} does not exist (config.teachers.checkpoints)")
+    if d.method == "fitnet_mkd":
+        if not isinstance(d.hint_layer, int):
+            _fail(f"config.distill.hint_layer must be an integer feature index, got {d.hint_layer!r}")
+
+    n_dev = jax.device_count()
+    if config.batch_size % n_dev:
+        _fail(f"global batch size {config.batch_size} is not divisible by the {n_dev} devices; use a multiple "
+              f"of {n_dev}")
+    if config.eval_batch_size % n_dev:
+        _fail(f"eval batch size {config.eval_batch_size} is not divisible by the {n_dev} devices")
+
+    if workdir is not None:
+        _check_writable(workdir)
+
+
+def _check_writable(workdir: str) -> None:
+    path = os.path.abspath(workdir)
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if os.path.exists(path) and not os.path.isdir(path):
+        _fail(f"workdir {workdir!r} exists and is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        _fail(f"workdir {workdir!r} is not writable ({probe!r} denies write access)")

@@ -1,0 +1,614 @@
+"""Training: teacher ensembles (method ``ce``) and multi-teacher distillation, one jit-compiled step.
+
+``train_and_evaluate(config, workdir)`` is the entry point (``main.py`` is a thin CLI around it).
+
+One step (:func:`make_train_step`) runs, inside a single XLA graph: batch selection and augmentation of the
+on-device dataset -> the K frozen teachers' forwards (teacher variables stacked on a leading axis, vmapped
+or unrolled) -> teacher weights -> the losses -> gradients of the student and its connectors -> the SGD
+update -> metrics. Students carry a leading *replica* axis: R independently initialised students (seeds,
+or the members of a teacher ensemble) that share the batch and the teachers' forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from demkd_jax import checkpoint as ckpt_lib
+from demkd_jax import config as config_lib
+from demkd_jax import data as data_lib
+from demkd_jax import losses
+from demkd_jax import models
+
+Params = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Student state; every leaf except ``step`` has a leading replica axis."""
+
+    step: jax.Array  # int32 scalar, shared by the replicas; also the data position
+    params: Params  # {"student": ..., "connectors": ...}
+    batch_stats: Params
+    opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The static parts of a run, fixed at trace time."""
+
+    config: ml_collections.ConfigDict
+    student: nn.Module
+    teacher: nn.Module | None  # the teachers' (possibly BN-folded) architecture
+    connector: nn.Module | None
+    tx: optax.GradientTransformation
+    steps_per_epoch: int
+    num_replicas: int
+    num_teachers: int
+    replica_execution: str
+    teacher_execution: str
+    feature_index: int | None  # which feature map the feature/hint term distils
+    num_train: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def method(self) -> str:
+        return self.config.distill.method
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small pieces
+
+
+def resolve_execution(value: str) -> str:
+    """``auto``: unrolled on CPU (vmapped convolutions become slow grouped convolutions there), else vmap."""
+    if value != "auto":
+        return value
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+
+
+def map_stacked(fn: Callable, execution: str, stacked: Any, *shared: Any) -> Any:
+    """Applies ``fn(member, *shared)`` to every member of a pytree stacked on axis 0.
+
+    ``vmap`` batches the members; ``loop`` unrolls them at trace time (same graph, K separate convolutions)
+    and stacks the results.
+    """
+    if execution == "vmap":
+        return jax.vmap(fn, in_axes=(0,) + (None,) * len(shared))(stacked, *shared)
+    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    outs = [fn(jax.tree_util.tree_map(lambda a: a[i], stacked), *shared) for i in range(n)]
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def compute_dtype(config) -> jnp.dtype:
+    return jnp.dtype(config.dtype)
+
+
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """PyTorch SGD: coupled L2 weight decay on every parameter, (Nesterov) momentum, step-decayed lr."""
+    o = config.optim
+    boundaries = {int(e) * steps_per_epoch: o.lr_decay_rate for e in o.lr_decay_epochs
+                  if 0 < int(e) < config.num_epochs + 1}
+    schedule = optax.piecewise_constant_schedule(o.learning_rate, boundaries)
+    return optax.chain(
+        optax.add_decayed_weights(o.weight_decay),
+        optax.sgd(schedule, momentum=o.momentum or None, nesterov=bool(o.nesterov and o.momentum)),
+    )
+
+
+def learning_rate(config, steps_per_epoch: int, step: int) -> float:
+    lr = config.optim.learning_rate
+    for e in config.optim.lr_decay_epochs:
+        if step >= int(e) * steps_per_epoch:
+            lr *= config.optim.lr_decay_rate
+    return lr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State
+
+
+def init_state(setup: Setup, rng: jax.Array) -> TrainState:
+    """R independently initialised students (+ connectors), stacked on a leading replica axis."""
+    x = jnp.zeros((2, 32, 32, 3), jnp.float32)
+
+    def init_one(key):
+        k_student, k_conn = jax.random.split(key)
+        variables = setup.student.init(k_student, x, train=False)
+        params = {"student": variables["params"]}
+        stats = {"student": variables.get("batch_stats", {})}
+        if setup.connector is not None:
+            _, feats = setup.student.apply(variables, x, train=False)
+            c_vars = setup.connector.init(k_conn, feats[setup.feature_index], train=False)
+            params["connectors"] = c_vars["params"]
+            stats["connectors"] = c_vars.get("batch_stats", {})
+        return params, stats, setup.tx.init(params)
+
+    keys = jnp.stack([jax.random.fold_in(rng, r) for r in range(setup.num_replicas)])
+    params, stats, opt_state = jax.vmap(init_one)(keys)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=opt_state)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Teachers
+
+
+def teacher_forward(setup: Setup, teacher_vars: Params, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Logits [K,B,C] and, if needed, the distilled feature map [K,B,H,W,C] of the frozen teachers."""
+
+    def one(v, x):
+        logits, feats = setup.teacher.apply(v, x, train=False)
+        return logits, (feats[setup.feature_index] if setup.feature_index is not None else None)
+
+    logits, feats = map_stacked(one, setup.teacher_execution, teacher_vars, x)
+    return jax.lax.stop_gradient(logits), (None if feats is None else jax.lax.stop_gradient(feats))
+
+
+def logit_weights(setup: Setup, t_logits: jax.Array, labels: jax.Array) -> jax.Array:
+    d = setup.config.distill
+    method = setup.method
+    if method in config_lib.SINGLE_TEACHER_METHODS:
+        return jnp.ones(t_logits.shape[:2], jnp.float32)
+    if method in ("aver", "fitnet_mkd"):
+        return losses.entropy_weights(t_logits, scheme="uniform")
+    if method == "ebkd":
+        return losses.entropy_weights(t_logits, scheme="ebkd")
+    if method == "camkd":
+        return losses.confidence_weights(t_logits, labels)
+    return losses.entropy_weights(t_logits, scheme=d.weights, temperature=d.weight_temperature, tau=d.weight_tau)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The step
+
+
+def make_train_step(setup: Setup) -> Callable:
+    """Returns ``train_step(state, teacher_vars, images, labels) -> (state, metrics)`` (pure, to be jitted)."""
+    config = setup.config
+    d = config.distill
+    method = setup.method
+    dtype = compute_dtype(config)
+    spe = setup.steps_per_epoch
+    warmup = config_lib.warmup_epochs(config)
+    logit_kind = {"kd": "kd", "aver": "kd", "ebkd": "kd", "camkd": "kd", "dkd": "dkd", "demkd": "dkd"}.get(method)
+    mean = jnp.asarray(setup.mean, jnp.float32)
+    std = jnp.asarray(setup.std, jnp.float32)
+    data_key = jax.random.PRNGKey(config.seed)
+
+    def replica_update(params, batch_stats, opt_state, x, y, t_logits, t_feats, weights, epoch, teacher_vars):
+        def loss_fn(params):
+            variables = {"params": params["student"], "batch_stats": batch_stats["student"]}
+            (s_logits, s_feats), s_updates = setup.student.apply(variables, x, train=True, mutable=["batch_stats"])
+            new_stats = {"student": s_updates["batch_stats"]}
+            ce = jnp.mean(losses.cross_entropy(s_logits, y))
+            terms = {"ce": ce}
+            total = d.ce_weight * ce if method != "ce" else ce
+            if logit_kind is not None:
+                warm = jnp.minimum(epoch / warmup, 1.0) if warmup > 0 else 1.0
+                terms["logit"] = losses.multi_teacher_logit_loss(
+                    s_logits, t_logits, y, weights, kind=logit_kind, alpha=d.alpha, beta=d.beta,
+                    temperature=d.temperature)
+                total = total + warm * terms["logit"]
+            if setup.connector is not None:
+                c_vars = {"params": params["connectors"], "batch_stats": batch_stats["connectors"]}
+                projected, c_updates = setup.connector.apply(c_vars, s_feats[setup.feature_index], train=True,
+                                                             mutable=["batch_stats"])
+                new_stats["connectors"] = c_updates["batch_stats"]
+                on = (epoch >= d.feature_start_epoch).astype(jnp.float32)
+                if method == "fitnet_mkd":
+                    terms["hint"] = losses.fitnet_hint_loss(projected, t_feats)
+                    total = total + on * d.hint_weight * terms["hint"]
+                else:
+                    if method == "camkd":
+                        # CA-MKD: each teacher's own classifier judges the student's projected feature.
+                        head_logits = map_stacked(
+                            lambda v, f: setup.teacher.apply(v, f, method="head"), setup.teacher_execution,
+                            (teacher_vars, jax.lax.stop_gradient(projected)))
+                        feat_weights = losses.camkd_feature_weights(head_logits, y)
+                    else:
+                        feat_weights = weights
+                    terms["feature"] = losses.feature_mse(projected, t_feats, feat_weights)
+                    total = total + on * d.feature_weight * terms["feature"]
+            return total, (terms, new_stats, s_logits)
+
+        (loss, (terms, new_stats, s_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, new_opt_state = setup.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step never reaches the state (config.on_nonfinite decides whether the run stops).
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+        metrics = {
+            "loss": loss,
+            **terms,
+            "accuracy": jnp.mean(jnp.argmax(s_logits, -1) == y) * 100.0,
+            "grad_norm": grad_norm,
+            "param_norm": optax.global_norm(params),
+            "nonfinite": (~ok).astype(jnp.int32),
+        }
+        return (keep(new_params, params), keep(new_stats, batch_stats), keep(new_opt_state, opt_state)), metrics
+
+    def train_step(state: TrainState, teacher_vars: Params, images: jax.Array, labels: jax.Array):
+        step = state.step
+        epoch = (step // spe + 1).astype(jnp.float32)  # 1-based, as the lineage counts epochs
+        idx = data_lib.batch_indices(data_key, step, setup.num_train, config.batch_size)
+        x = data_lib.augment(images[idx], jax.random.fold_in(jax.random.fold_in(data_key, 1), step), mean, std)
+        x = x.astype(dtype)
+        y = labels[idx]
+        t_logits = t_feats = weights = None
+        metrics_t = {}
+        if setup.teacher is not None:
+            t_logits, t_feats = teacher_forward(setup, teacher_vars, x)
+            weights = jax.lax.stop_gradient(logit_weights(setup, t_logits, y))
+            metrics_t = {
+                "teacher_weight": jnp.mean(weights, axis=1),
+                "teacher_entropy": jnp.mean(losses.entropy(t_logits), axis=1),
+                "teacher_accuracy": jnp.mean(jnp.argmax(t_logits, -1) == y[None], axis=1) * 100.0,
+            }
+
+        def update(member):
+            params, stats, opt = member
+            return replica_update(params, stats, opt, x, y, t_logits, t_feats, weights, epoch, teacher_vars)
+
+        (params, stats, opt_state), metrics = map_stacked(
+            update, setup.replica_execution, (state.params, state.batch_stats, state.opt_state))
+        metrics = {k: (jnp.sum(v) if k == "nonfinite" else jnp.mean(v)) for k, v in metrics.items()}
+        metrics.update(metrics_t)
+        new_state = TrainState(step=step + 1, params=params, batch_stats=stats, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def make_eval_fn(model: nn.Module, execution: str, num_examples: int, batch_size: int, mean, std, dtype) -> Callable:
+    """``eval_fn(stacked_vars, images, labels) -> (correct[R], ensemble_correct)`` over the whole test split.
+
+    Every example is seen exactly once (padded fixed-size batches with a mask); the ensemble prediction is
+    the mean of the members' softmax probabilities.
+    """
+    idx, mask = data_lib.eval_batches(num_examples, batch_size)
+    idx, mask = jnp.asarray(idx), jnp.asarray(mask)
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+
+    def eval_fn(stacked_vars, images, labels):
+        def body(carry, batch):
+            i, m = batch
+            x = data_lib.normalize(images[i], mean, std).astype(dtype)
+            y = labels[i]
+            logits = map_stacked(lambda v, x: model.apply(v, x, train=False)[0], execution, stacked_vars, x)
+            correct = jnp.sum((jnp.argmax(logits, -1) == y[None]) & m[None], axis=1)
+            probs = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), -1), axis=0)
+            ens = jnp.sum((jnp.argmax(probs, -1) == y) & m)
+            return (carry[0] + correct, carry[1] + ens), None
+
+        n_members = jax.tree_util.tree_leaves(stacked_vars)[0].shape[0]
+        init = (jnp.zeros((n_members,), jnp.int32), jnp.zeros((), jnp.int32))
+        (correct, ens), _ = jax.lax.scan(body, init, (idx, mask))
+        return correct, ens
+
+    return eval_fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Teachers: load (or train) and stack
+
+
+def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The teacher-ensemble run that a distillation config implies when it names no checkpoints."""
+    t = config.teachers
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.distill.method = "ce"
+    c.ensemble_size = t.num
+    c.num_seeds = 1
+    c.student.model = t.model
+    c.student.width = t.width
+    c.teachers.checkpoints = ()
+    c.seed = config.seed + 1000
+    if t.num_epochs > 0:
+        c.num_epochs = t.num_epochs
+    if t.learning_rate > 0:
+        c.optim.learning_rate = t.learning_rate
+    return c
+
+
+def teacher_dirs(workdir: str | os.PathLike, num: int) -> list[pathlib.Path]:
+    return [pathlib.Path(workdir) / f"teacher_{k}" for k in range(num)]
+
+
+def load_teachers(config, dirs, num_classes: int) -> tuple[str, float, Params, list[dict]]:
+    """Restores and checks the teachers; returns (model name, width, variables stacked on axis 0, metadata)."""
+    expected = config.teachers.model or None
+    loaded = [ckpt_lib.load_teacher(d, model_name=expected, num_classes=num_classes) for d in dirs]
+    archs = {(meta["model"], float(meta.get("width", 1.0))) for _, meta in loaded}
+    if len(archs) > 1:
+        found = ", ".join(f"{str(d)!r}: {m['model']} (width {m.get('width', 1.0)})" for d, (_, m) in zip(dirs, loaded))
+        raise config_lib.ConfigError(
+            f"mixed teacher architectures ({found}); the teachers are stacked on one axis and must share one")
+    (name, width), = archs
+    stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[v for v, _ in loaded])
+    return name, width, stacked, [m for _, m in loaded]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logging
+
+
+class MetricsLog:
+    """``metrics.jsonl`` in the workdir: one JSON object per epoch (and per log interval)."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.path = workdir / "metrics.jsonl"
+
+    def truncate_after(self, step: int) -> list[dict]:
+        """On resume: drops records past the restored step and returns the kept ones."""
+        if not self.path.exists():
+            return []
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if rec.get("step", 0) <= step:
+                kept.append(rec)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        return kept
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _to_python(x):
+    x = np.asarray(x)
+    return x.item() if x.ndim == 0 else x.tolist()
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN/Inf; nothing non-finite was saved."""
+
+
+def check_finite(step0: int, metrics: list[dict], policy: str) -> int:
+    """Inspects fetched per-step metrics; raises (policy 'stop') naming the first bad step and term."""
+    skipped = 0
+    for i, m in enumerate(metrics):
+        if int(m["nonfinite"]) == 0:
+            continue
+        skipped += 1
+        if policy == "stop":
+            bad = [k for k in ("loss", "ce", "logit", "feature", "hint") if k in m and not np.isfinite(m[k])]
+            what = f"loss term(s) {', '.join(bad)}" if bad else "gradients (the loss was finite)"
+            raise NonFiniteError(
+                f"non-finite {what} at step {step0 + i + 1}; the run stopped before saving it "
+                f"(values: {', '.join(f'{k}={float(m[k]):.4g}' for k in ('loss', 'ce', 'logit', 'feature', 'hint', 'grad_norm') if k in m)}). "
+                "Lower the learning rate, or set config.on_nonfinite='skip' to drop such steps")
+    return skipped
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (teachers with method 'ce', or a distilled student) in ``workdir``; resumes if it holds a run.
+
+    Returns the summary that is also written to ``<workdir>/summary.json``.
+    """
+    config_lib.validate(config, workdir=workdir)
+    t_start = time.time()
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    method = config.distill.method
+    replicas = config_lib.num_replicas(config)
+    dtype = compute_dtype(config)
+
+    ds = data_lib.load_dataset(config.data)
+    n_train = ds.train_images.shape[0]
+    if config.batch_size > n_train:
+        raise config_lib.ConfigError(
+            f"batch size {config.batch_size} is larger than the training set ({n_train} images)")
+    spe = n_train // config.batch_size
+    total_steps = spe * config.num_epochs
+    log = print
+
+    # --- teachers
+    teacher = teacher_vars = None
+    teacher_summary: dict[str, Any] = {}
+    num_teachers = 0
+    if method != "ce":
+        if config.teachers.checkpoints:
+            dirs = [pathlib.Path(p) for p in config.teachers.checkpoints]
+        else:
+            t_workdir = workdir / "teachers"
+            dirs = teacher_dirs(t_workdir, config.teachers.num)
+            if not all((d / ckpt_lib.TEACHER_META).is_file() for d in dirs):
+                log(f"training {config.teachers.num} x {config.teachers.model} teachers in {t_workdir}")
+                train_and_evaluate(teacher_config(config), str(t_workdir))
+        t_name, t_width, t_vars, t_meta = load_teachers(config, dirs, ds.num_classes)
+        num_teachers = len(dirs)
+        teacher = models.create_model(t_name, ds.num_classes, dtype, width=t_width, fold_bn=config.teachers.fold_bn)
+        if config.teachers.fold_bn:
+            t_vars = jax.vmap(models.fold_batchnorm)(t_vars)
+        teacher_vars = jax.device_put(t_vars)
+        teacher_summary = {"model": t_name, "dirs": [str(d) for d in dirs]}
+
+    # --- static setup
+    student = models.create_model(config.student.model, ds.num_classes, dtype, width=config.student.width)
+    feature_index = None
+    connector = None
+    if config_lib.uses_features(config):
+        feature_index = config.distill.hint_layer if method == "fitnet_mkd" else -2
+        x0 = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+        s_feats = jax.eval_shape(lambda: student.apply(student.init(jax.random.PRNGKey(0), x0, train=False),
+                                                         jnp.zeros(x0.shape), train=False)[1])
+        t_feats = jax.eval_shape(lambda: teacher.apply(jax.tree_util.tree_map(lambda a: a[0], t_vars),
+                                                         jnp.zeros(x0.shape), train=False)[1])
+        for name, feats in (("student", s_feats), ("teacher", t_feats)):
+            if not -len(feats) <= feature_index < len(feats) - 1:
+                raise config_lib.ConfigError(
+                    f"config.distill.hint_layer={feature_index} is out of range for the {name}'s "
+                    f"{len(feats) - 1} feature maps")
+        t_shape = t_feats[feature_index].shape
+        connector = losses.StackedConnector(num_teachers=num_teachers, out_channels=t_shape[-1],
+                                            out_size=t_shape[1], dtype=dtype)
+    setup = Setup(
+        config=config, student=student, teacher=teacher, connector=connector, tx=make_optimizer(config, spe),
+        steps_per_epoch=spe, num_replicas=replicas, num_teachers=num_teachers,
+        replica_execution=resolve_execution(config.execution),
+        teacher_execution=resolve_execution(config.teachers.execution), feature_index=feature_index,
+        num_train=n_train, mean=tuple(ds.mean), std=tuple(ds.std))
+
+    train_images, train_labels = jax.device_put(ds.train_images), jax.device_put(ds.train_labels)
+    test_images, test_labels = jax.device_put(ds.test_images), jax.device_put(ds.test_labels)
+    n_test = ds.test_images.shape[0]
+    eval_batch = min(config.eval_batch_size, n_test)
+    student_eval = jax.jit(make_eval_fn(student, setup.replica_execution, n_test, eval_batch, ds.mean, ds.std, dtype))
+
+    # --- teachers' own accuracy, once
+    if teacher is not None:
+        t_eval = make_eval_fn(teacher, setup.teacher_execution, n_test, eval_batch, ds.mean, ds.std, dtype)
+        correct, ens = jax.device_get(jax.jit(t_eval)(teacher_vars, test_images, test_labels))
+        teacher_summary["test_acc"] = [round(100.0 * c / n_test, 2) for c in correct]
+        teacher_summary["ensemble_test_acc"] = round(100.0 * ens / n_test, 2)
+        log(f"teachers ({teacher_summary['model']} x {num_teachers}): test top-1 {teacher_summary['test_acc']}, "
+            f"ensemble {teacher_summary['ensemble_test_acc']}")
+
+    # --- state: fresh or resumed
+    checkpointer = ckpt_lib.TrainCheckpointer(workdir / "checkpoints", keep_last=config.checkpoint.keep_last,
+                                              keep_best=config.checkpoint.keep_best)
+    metrics_log = MetricsLog(workdir)
+    rng = jax.random.PRNGKey(config.seed)
+    abstract_state = jax.eval_shape(lambda: init_state(setup, rng))
+    latest = checkpointer.latest_step()
+    history: list[dict] = []
+    if latest is not None:
+        state = checkpointer.restore(latest, abstract_state)
+        history = [r for r in metrics_log.truncate_after(latest) if "test_acc" in r]
+        log(f"resumed from {checkpointer.directory} at step {latest} (epoch {latest // spe})")
+    else:
+        state = jax.jit(lambda: init_state(setup, rng))()
+        metrics_log.truncate_after(0)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    start_step = int(jax.device_get(state.step))
+
+    train_step = jax.jit(make_train_step(setup), donate_argnums=(0,))
+    best = max((r["test_acc"] for r in history), default=float("-inf"))
+    epoch_acc = history[-1]["test_acc_per_replica"] if history else None
+    skipped = 0
+    if start_step == 0:
+        log(f"{method}: {config.student.model} x {replicas} on {ds.name} ({n_train} train / {n_test} test), "
+            f"{spe} steps/epoch x {config.num_epochs} epochs; initial compilation...")
+
+    step = start_step
+    while step < total_steps:
+        epoch = step // spe + 1
+        epoch_end = epoch * spe
+        bar = _progress(epoch_end - step, f"epoch {epoch}/{config.num_epochs}", config.progress_bar)
+        t_epoch, images_seen = time.time(), 0
+        pending: list[dict] = []
+        sums: dict[str, Any] = {}
+        while step < epoch_end:
+            state, metrics = train_step(state, teacher_vars, train_images, train_labels)
+            pending.append(metrics)
+            step += 1
+            images_seen += config.batch_size
+            if bar is not None:
+                bar.update(1)
+            if len(pending) >= config.log_every_steps or step == epoch_end:
+                fetched = jax.device_get(pending)  # the only host sync inside an epoch
+                skipped += check_finite(step - len(fetched), fetched, config.on_nonfinite)
+                for m in fetched:
+                    for k, v in m.items():
+                        sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
+                n_seen = step - (epoch - 1) * spe
+                if bar is not None:
+                    bar.set_postfix(loss=f"{sums['loss'] / n_seen:.3f}", acc=f"{sums['accuracy'] / n_seen:.1f}",
+                                    img_s=f"{images_seen / (time.time() - t_epoch):.0f}")
+                pending = []
+        if bar is not None:
+            bar.close()
+        epoch_time = time.time() - t_epoch
+        student_vars = {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
+        correct, ens = jax.device_get(student_eval(student_vars, test_images, test_labels))
+        epoch_acc = [round(100.0 * c / n_test, 2) for c in correct]
+        acc = float(np.mean(epoch_acc))
+        best = max(best, acc)
+        record = {
+            "epoch": epoch, "step": step, "lr": learning_rate(config, spe, step - 1),
+            **{f"train_{k}": _to_python(v / spe) for k, v in sums.items() if k != "nonfinite"},
+            "skipped_steps": int(sums.get("nonfinite", 0)),
+            "test_acc": acc, "test_acc_per_replica": epoch_acc, "best_test_acc": best,
+            "epoch_time_s": round(epoch_time, 2), "img_per_s": round(images_seen / epoch_time, 1),
+        }
+        if replicas > 1 and method == "ce":
+            record["ensemble_test_acc"] = round(100.0 * ens / n_test, 2)
+        metrics_log.write(record)
+        history.append(record)
+        log(f"epoch {epoch}/{config.num_epochs}: loss {record['train_loss']:.4f} train {record['train_accuracy']:.2f}% "
+            f"test {acc:.2f}% (best {best:.2f}%) {record['img_per_s']:.0f} img/s")
+        if epoch % config.checkpoint.every_epochs == 0 or step == total_steps:
+            checkpointer.save(step, state, test_acc=acc)
+    checkpointer.close()
+
+    # --- summary
+    final = history[-1] if history else {}
+    per_replica_best = np.max(np.array([r["test_acc_per_replica"] for r in history]), axis=0) if history else []
+    summary = {
+        "method": method, "student": config.student.model, "dataset": ds.name, "replicas": replicas,
+        "epochs": config.num_epochs, "final_test_acc": final.get("test_acc_per_replica"),
+        "best_test_acc": [float(a) for a in per_replica_best],
+        "final_test_acc_mean": float(np.mean(final["test_acc_per_replica"])) if final else None,
+        "final_test_acc_std": float(np.std(final["test_acc_per_replica"])) if final else None,
+        "best_test_acc_mean": float(np.mean(per_replica_best)) if history else None,
+        "best_test_acc_std": float(np.std(per_replica_best)) if history else None,
+        "img_per_s": float(np.median([r["img_per_s"] for r in history])) if history else None,
+        "wall_time_s": round(time.time() - t_start, 1), "skipped_steps": skipped,
+        "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+    }
+    if teacher_summary:
+        summary["teachers"] = teacher_summary
+    if method == "ce" and replicas > 1:
+        summary["ensemble_test_acc"] = final.get("ensemble_test_acc")
+    if method == "ce" and config.ensemble_size > 0:
+        host_state = jax.device_get(state)
+        for k, d in enumerate(teacher_dirs(workdir, replicas)):
+            variables = {"params": jax.tree_util.tree_map(lambda a: a[k], host_state.params["student"]),
+                         "batch_stats": jax.tree_util.tree_map(lambda a: a[k], host_state.batch_stats["student"])}
+            ckpt_lib.save_teacher(d, variables, model_name=config.student.model, num_classes=ds.num_classes,
+                                  width=config.student.width,
+                                  metadata={"test_acc": final["test_acc_per_replica"][k], "dataset": ds.name,
+                                            "epochs": config.num_epochs, "seed": config.seed, "member": k})
+        summary["teacher_dirs"] = [str(d) for d in teacher_dirs(workdir, replicas)]
+    ckpt_lib.write_json_atomic(workdir / "summary.json", summary)
+    log("summary: " + json.dumps({k: v for k, v in summary.items() if k not in ("teacher_dirs",)}))
+    return summary
