@@ -1,0 +1,469 @@
+"""Distillation losses and teacher weights of DE-MKD and its baselines (SPEC.md sections 3-5).
+
+Conventions:
+- Logits are ``[B, C]``; teacher-stacked arrays carry the teacher axis first (``[K, B, C]``,
+  ``[K, B, H, W, C]``, weights ``[K, B]``). Labels are integers ``[B]`` in ``[0, C)`` (not checked: they may
+  be traced).
+- Every input is cast to float32 first, so float16/bfloat16 logits are handled in float32. Probabilities
+  are only formed as the exp of a finite log-probability (log-softmax, or log-softmax over the non-target
+  classes with the target excluded exactly): a probability that underflows to 0 meets a finite log and
+  contributes exactly 0, never ``0 * inf``. Logits of +-1e4 give finite losses and gradients.
+- Teacher logits, teacher features and teacher weights are constants for the gradient
+  (``jax.lax.stop_gradient`` inside each function; :func:`camkd_feature_weights` has a switch).
+- Per-example losses return ``[B]``; the multi-teacher losses reduce to a scalar with the mean over the
+  batch and the *sum* over teachers (CA-MKD's code divides by ``B * K`` instead, an extra ``1/K``).
+- ``temperature``, ``alpha``, ``beta``, ``tau`` may be Python floats or traced scalars (pass arrays to a
+  jitted step to avoid recompiling per value). Shapes are checked with chex at trace time; ``scheme`` and
+  ``kind`` are static strings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from demkd_jax.models.layers import batch_norm, torch_default_bias, torch_default_kernel
+
+__all__ = [
+    "WEIGHT_SCHEMES",
+    "LOGIT_LOSS_KINDS",
+    "cross_entropy",
+    "kd",
+    "tckd",
+    "nckd",
+    "dkd",
+    "entropy",
+    "entropy_weights",
+    "confidence_weights",
+    "camkd_feature_weights",
+    "multi_teacher_logit_loss",
+    "feature_mse",
+    "fitnet_hint_loss",
+    "resize_feature_map",
+    "Connector",
+    "StackedConnector",
+]
+
+Scalar = float | jax.Array
+
+WEIGHT_SCHEMES: tuple[str, ...] = ("camkd", "softmax", "ebkd", "uniform")
+LOGIT_LOSS_KINDS: tuple[str, ...] = ("dkd", "kd")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def _f32(x: Any) -> jax.Array:
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def _scalar(x: Scalar, name: str) -> jax.Array:
+    x = _f32(x)
+    if x.ndim != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {x.shape}")
+    return x
+
+
+def _check_pair(student_logits: jax.Array, teacher_logits: jax.Array) -> None:
+    chex.assert_rank([student_logits, teacher_logits], 2)
+    chex.assert_equal_shape([student_logits, teacher_logits])
+
+
+def _check_labels(labels: jax.Array, batch: int, num_classes: int, *, min_classes: int = 1) -> None:
+    chex.assert_rank(labels, 1)
+    chex.assert_type(labels, int)
+    chex.assert_shape(labels, (batch,))
+    if num_classes < min_classes:
+        raise ValueError(f"need at least {min_classes} classes, got logits with C = {num_classes}")
+
+
+def _check_teachers(teacher_logits: jax.Array, what: str, *, min_teachers: int = 1) -> None:
+    chex.assert_rank(teacher_logits, 3)
+    k = teacher_logits.shape[0]
+    if k < min_teachers:
+        raise ValueError(f"{what} needs at least {min_teachers} teachers (it divides by K - 1), got K = {k}")
+
+
+def _target_mask(labels: jax.Array, num_classes: int) -> jax.Array:
+    return jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
+
+
+def _logsumexp_excluding(z: jax.Array, mask: jax.Array) -> jax.Array:
+    """log sum_{c: not mask} exp(z_c) over the last axis; needs at least one unmasked entry.
+
+    The masked entries are set to -inf *before* exp, so exp gives exactly 0 there and its derivative is
+    0 (not inf * 0); ``jnp.where`` then sends a zero cotangent to the masked logits.
+    """
+    z_nt = jnp.where(mask, -jnp.inf, z)
+    m = jax.lax.stop_gradient(jnp.max(z_nt, axis=-1, keepdims=True))
+    return m[..., 0] + jnp.log(jnp.sum(jnp.exp(z_nt - m), axis=-1))
+
+
+def _target_logit_margin(z: jax.Array, mask: jax.Array) -> jax.Array:
+    """d = z_y − logsumexp_{c != y} z_c, so that p_y = softmax(z)_y = sigmoid(d) exactly.
+
+    Finite for finite z; carries the binary (target / non-target) distribution without forming p_y.
+    """
+    z_t = jnp.sum(jnp.where(mask, z, 0.0), axis=-1)
+    return z_t - _logsumexp_excluding(z, mask)
+
+
+def _non_target_log_probs(z: jax.Array, mask: jax.Array) -> jax.Array:
+    """log p̂ over the non-target classes; the target entry is set to 0 (a finite placeholder)."""
+    log_p_hat = z - _logsumexp_excluding(z, mask)[..., None]
+    # The raw target entry z_t - lse_nt can be huge (exp overflows); a finite 0 keeps the KL's masked
+    # term at exactly 0 with zero gradient.
+    return jnp.where(mask, 0.0, log_p_hat)
+
+
+def _kl_from_logs(log_p: jax.Array, log_q: jax.Array, axis: int = -1) -> jax.Array:
+    """KL(p || q) = sum p (log p - log q) from finite log-probabilities."""
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=axis)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-example losses.
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example cross-entropy CE(z, y) = -log softmax(z)_y, in float32. ``[B, C], [B] -> [B]``."""
+    chex.assert_rank(logits, 2)
+    _check_labels(labels, logits.shape[0], logits.shape[1])
+    log_p = jax.nn.log_softmax(_f32(logits), axis=-1)
+    return -jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
+
+
+def kd(student_logits: jax.Array, teacher_logits: jax.Array, temperature: Scalar) -> jax.Array:
+    """Vanilla KD per example: KD = T² · KL(p_t ‖ p_s), p = softmax(z / T). ``[B, C] x 2 -> [B]``."""
+    _check_pair(student_logits, teacher_logits)
+    t = _scalar(temperature, "temperature")
+    log_ps = jax.nn.log_softmax(_f32(student_logits) / t, axis=-1)
+    log_pt = jax.nn.log_softmax(jax.lax.stop_gradient(_f32(teacher_logits)) / t, axis=-1)
+    return t**2 * _kl_from_logs(log_pt, log_ps)
+
+
+def tckd(
+    student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, temperature: Scalar
+) -> jax.Array:
+    """Target-class KD (DKD) per example: TCKD = T² · KL(b_t ‖ b_s), b = [p_y, 1 − p_y], p = softmax(z/T).
+
+    ``[B, C] x 2, [B] -> [B]``; needs C >= 2.
+    """
+    _check_pair(student_logits, teacher_logits)
+    _check_labels(labels, *student_logits.shape, min_classes=2)
+    t = _scalar(temperature, "temperature")
+    mask = _target_mask(labels, student_logits.shape[-1])
+    d_s = _target_logit_margin(_f32(student_logits) / t, mask)
+    d_t = _target_logit_margin(jax.lax.stop_gradient(_f32(teacher_logits)) / t, mask)
+    # With b = sigmoid(d), KL(b_teacher || b_student) equals the Bregman divergence of softplus,
+    #   softplus(d_s) − softplus(d_t) − sigmoid(d_t) · (d_s − d_t),
+    # finite for any finite d. For a small TCKD it loses about 10x less float32 accuracy to cancellation
+    # than the two-term sum over {target, non-target}; what is left comes from rounding d itself.
+    kl = jax.nn.softplus(d_s) - jax.nn.softplus(d_t) - jax.nn.sigmoid(d_t) * (d_s - d_t)
+    return t**2 * kl
+
+
+def nckd(
+    student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, temperature: Scalar
+) -> jax.Array:
+    """Non-target-class KD (DKD) per example: NCKD = T² · KL(p̂_t ‖ p̂_s).
+
+    p̂ = softmax of z/T over the C − 1 non-target classes (the target class removed exactly, not by a
+    finite offset). ``[B, C] x 2, [B] -> [B]``; needs C >= 2.
+    """
+    _check_pair(student_logits, teacher_logits)
+    _check_labels(labels, *student_logits.shape, min_classes=2)
+    t = _scalar(temperature, "temperature")
+    mask = _target_mask(labels, student_logits.shape[-1])
+    log_ps = _non_target_log_probs(_f32(student_logits) / t, mask)
+    log_pt = _non_target_log_probs(jax.lax.stop_gradient(_f32(teacher_logits)) / t, mask)
+    # Both placeholders are 0 at the target, so its term is exp(0) * (0 - 0) = 0 exactly.
+    return t**2 * _kl_from_logs(log_pt, log_ps)
+
+
+def dkd(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    labels: jax.Array,
+    alpha: Scalar,
+    beta: Scalar,
+    temperature: Scalar,
+) -> jax.Array:
+    """Decoupled KD per example: DKD = α · TCKD + β · NCKD (Zhao et al., CVPR 2022). ``-> [B]``.
+
+    With α = β = 1 this is not KD: KD = TCKD + (1 − p_y^teacher) · NCKD.
+    """
+    alpha = _scalar(alpha, "alpha")
+    beta = _scalar(beta, "beta")
+    return alpha * tckd(student_logits, teacher_logits, labels, temperature) + beta * nckd(
+        student_logits, teacher_logits, labels, temperature
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Teacher weights.
+
+
+def entropy(logits: jax.Array, temperature: Scalar = 1.0) -> jax.Array:
+    """Entropy (natural log) of q = softmax(z / T) over the last axis: H = −Σ_c q_c log q_c. ``[..., C] -> [...]``.
+
+    Differentiable (no stop_gradient): it is a plain function of its input.
+    """
+    if jnp.ndim(logits) < 1:
+        raise ValueError(f"entropy needs logits with a class axis, got a scalar of shape {jnp.shape(logits)}")
+    t = _scalar(temperature, "temperature")
+    log_q = jax.nn.log_softmax(_f32(logits) / t, axis=-1)
+    return -jnp.sum(jnp.exp(log_q) * log_q, axis=-1)
+
+
+def entropy_weights(
+    teacher_logits: jax.Array,
+    scheme: str = "camkd",
+    temperature: Scalar = 1.0,
+    tau: Scalar = 1.0,
+) -> jax.Array:
+    """Per-example teacher weights from the entropy of each teacher's prediction. ``[K, B, C] -> [K, B]``.
+
+    H_k(x) = entropy(z_k(x), T_w) with T_w = ``temperature``; lower entropy -> larger weight. Schemes
+    (SPEC.md section 3):
+
+    - ``"camkd"`` (default): w_k = (1 − softmax_k(H_k)) / (K − 1); Σ_k w_k = 1; needs K >= 2.
+    - ``"softmax"``: w_k = softmax_k(−H_k / τ); Σ_k w_k = 1.
+    - ``"ebkd"``: w_k = 1 − H_k / Σ_j H_j (EBKD, not renormalised); Σ_k w_k = K − 1; needs K >= 2. When
+      every teacher is one-hot (Σ_j H_j = 0, not only 0/0 in float32) the ratio is taken as 1/K.
+    - ``"uniform"``: w_k = 1 / K (AVER).
+
+    The weights are constants for the gradient (the logits are stop_gradient-ed).
+    """
+    if scheme not in WEIGHT_SCHEMES:
+        raise ValueError(f"unknown weight scheme {scheme!r}; expected one of: {', '.join(WEIGHT_SCHEMES)}")
+    _check_teachers(teacher_logits, f"entropy_weights(scheme={scheme!r})",
+                    min_teachers=2 if scheme in ("camkd", "ebkd") else 1)
+    k = teacher_logits.shape[0]
+    if scheme == "uniform":
+        return jnp.full(teacher_logits.shape[:2], 1.0 / k, jnp.float32)
+    h = entropy(jax.lax.stop_gradient(_f32(teacher_logits)), temperature)  # [K, B]
+    if scheme == "camkd":
+        return (1.0 - jax.nn.softmax(h, axis=0)) / (k - 1)
+    if scheme == "softmax":
+        return jax.nn.softmax(-h / _scalar(tau, "tau"), axis=0)
+    # "ebkd". A total below the smallest normal float may be flushed to 0 on some backends: treat as 0.
+    total = jnp.sum(h, axis=0, keepdims=True)
+    ok = total > jnp.finfo(jnp.float32).tiny
+    ratio = jnp.where(ok, h / jnp.where(ok, total, 1.0), 1.0 / k)
+    return 1.0 - ratio
+
+
+def _confidence_weights(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    k = logits.shape[0]
+    ce = jax.vmap(cross_entropy, in_axes=(0, None))(logits, labels)  # [K, B]
+    return (1.0 - jax.nn.softmax(ce, axis=0)) / (k - 1)
+
+
+def confidence_weights(teacher_logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """CA-MKD's label-based teacher weights. ``[K, B, C], [B] -> [K, B]``.
+
+    w_k(x) = (1 − softmax_k(CE(z_k(x), y))) / (K − 1); Σ_k w_k = 1; needs K >= 2. Constant for the
+    gradient.
+    """
+    _check_teachers(teacher_logits, "confidence_weights", min_teachers=2)
+    _check_labels(labels, *teacher_logits.shape[1:])
+    return _confidence_weights(jax.lax.stop_gradient(_f32(teacher_logits)), labels)
+
+
+def camkd_feature_weights(
+    head_logits: jax.Array, labels: jax.Array, *, stop_gradient: bool = True
+) -> jax.Array:
+    """CA-MKD's feature-loss teacher weights. ``[K, B, C], [B] -> [K, B]``.
+
+    ``head_logits[k]`` is teacher k's classifier head applied to the (pooled) projected student feature
+    r_k(f_s) (``teacher.apply(vars_k, projected[k], method="head")``); the weights are
+    w_k = (1 − softmax_k(CE(head_logits_k, y))) / (K − 1), as :func:`confidence_weights`.
+
+    CA-MKD's reference implementation lets the gradient flow through these weights into the student and
+    the connectors; SPEC.md treats all weights as constants, so the default stops it.
+    ``stop_gradient=False`` restores the reference behaviour.
+    """
+    _check_teachers(head_logits, "camkd_feature_weights", min_teachers=2)
+    _check_labels(labels, *head_logits.shape[1:])
+    logits = _f32(head_logits)
+    if stop_gradient:
+        logits = jax.lax.stop_gradient(logits)
+    return _confidence_weights(logits, labels)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Multi-teacher losses.
+
+
+def multi_teacher_logit_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+    *,
+    kind: str = "dkd",
+    alpha: Scalar = 1.0,
+    beta: Scalar = 8.0,
+    temperature: Scalar = 4.0,
+) -> jax.Array:
+    """Weighted multi-teacher logit loss L = mean_x Σ_k w_k(x) · ℓ(z_s(x), z_k(x), y). Scalar.
+
+    ``kind="dkd"``: ℓ = DKD(α, β, T) (DE-MKD); ``kind="kd"``: ℓ = KD(T) (AVER, EBKD, CA-MKD baselines;
+    ``labels``, ``alpha`` and ``beta`` are then unused). Shapes: student ``[B, C]``, teachers
+    ``[K, B, C]``, labels ``[B]``, weights ``[K, B]`` (constant for the gradient).
+    """
+    if kind not in LOGIT_LOSS_KINDS:
+        raise ValueError(f"unknown logit loss kind {kind!r}; expected one of: {', '.join(LOGIT_LOSS_KINDS)}")
+    chex.assert_rank(student_logits, 2)
+    _check_teachers(teacher_logits, "multi_teacher_logit_loss")
+    chex.assert_shape(teacher_logits, (None, *student_logits.shape))
+    chex.assert_shape(weights, teacher_logits.shape[:2])
+    _check_labels(labels, *student_logits.shape)
+    if kind == "dkd":
+        per_teacher = jax.vmap(lambda z_k: dkd(student_logits, z_k, labels, alpha, beta, temperature))
+    else:
+        per_teacher = jax.vmap(lambda z_k: kd(student_logits, z_k, temperature))
+    losses = per_teacher(teacher_logits)  # [K, B]
+    w = jax.lax.stop_gradient(_f32(weights))
+    return jnp.mean(jnp.sum(w * losses, axis=0))
+
+
+def feature_mse(
+    student_projected: jax.Array, teacher_features: jax.Array, weights: jax.Array
+) -> jax.Array:
+    """Weighted multi-teacher feature loss L_feat = mean_x Σ_k w_k(x) · mean_{h,w,c} (r_k(f_s) − f_k)². Scalar.
+
+    ``student_projected[k]`` = r_k(f_s), the student map through teacher k's connector; all ``[K, B, H, W, C]``;
+    weights ``[K, B]``. Teacher features and weights are constants for the gradient.
+    """
+    chex.assert_rank([student_projected, teacher_features], 5)
+    chex.assert_equal_shape([student_projected, teacher_features])
+    chex.assert_shape(weights, student_projected.shape[:2])
+    diff = _f32(student_projected) - jax.lax.stop_gradient(_f32(teacher_features))
+    per = jnp.mean(jnp.square(diff), axis=(2, 3, 4))  # [K, B]
+    w = jax.lax.stop_gradient(_f32(weights))
+    return jnp.mean(jnp.sum(w * per, axis=0))
+
+
+def fitnet_hint_loss(student_projected: jax.Array, teacher_hints: jax.Array) -> jax.Array:
+    """FitNet-MKD hint loss: (1/K) Σ_k mean_{b,h,w,c} (r_k(f_s) − f_k)². Scalar.
+
+    ``[K, B, H, W, C] x 2``; the hints are constants for the gradient. The weight λ (100 in SPEC.md
+    section 5) is applied by the trainer.
+    """
+    chex.assert_rank([student_projected, teacher_hints], 5)
+    chex.assert_equal_shape([student_projected, teacher_hints])
+    diff = _f32(student_projected) - jax.lax.stop_gradient(_f32(teacher_hints))
+    return jnp.mean(jnp.mean(jnp.square(diff), axis=(1, 2, 3, 4)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Feature connectors.
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def resize_feature_map(x: jax.Array, out_size: int | Sequence[int]) -> jax.Array:
+    """Resizes an NHWC map to ``out_size`` (int or (H, W)) spatially, per axis.
+
+    A larger axis is average-pooled with window = stride = ratio, which is PyTorch's
+    ``adaptive_avg_pool2d`` for an integer ratio (a non-integer ratio raises ValueError). A smaller axis is
+    then upsampled bilinearly, half-pixel centres: PyTorch's ``F.interpolate(mode="bilinear",
+    align_corners=False)``.
+    """
+    chex.assert_rank(x, 4)
+    out_h, out_w = _pair(out_size)
+    b, h, w, c = x.shape
+    if min(out_h, out_w) < 1:
+        raise ValueError(f"out_size must be positive, got {(out_h, out_w)}")
+
+    def ratio(n: int, o: int) -> int:
+        if n <= o:
+            return 1
+        if n % o:
+            raise ValueError(
+                f"cannot average-pool a {h}x{w} feature map to {out_h}x{out_w}: {n} is not a multiple of {o}"
+            )
+        return n // o
+
+    rh, rw = ratio(h, out_h), ratio(w, out_w)
+    if rh > 1 or rw > 1:
+        x = nn.avg_pool(x, (rh, rw), strides=(rh, rw))
+    if x.shape[1:3] != (out_h, out_w):
+        # Only upsampling is left here, where jax.image.resize's antialiasing does nothing.
+        x = jax.image.resize(x, (b, out_h, out_w, c), method="bilinear")
+    return x
+
+
+class Connector(nn.Module):
+    """Student-to-teacher feature connector r_k: resize -> 1x1 conv (with bias) -> BatchNorm -> ReLU.
+
+    Resizes the student map to the teacher's spatial size (:func:`resize_feature_map`), then projects to
+    the teacher's ``out_channels`` as CA-MKD's ``Embed`` (1x1 conv with PyTorch's default init, BN with
+    momentum 0.9 in Flax terms and eps 1e-5), followed by a ReLU (``use_relu=False`` drops it).
+    ``dtype`` is the computation dtype; parameters are float32.
+
+    ``connector.apply(variables, student_map[B, H, W, C_s], train=True, mutable=["batch_stats"])``
+    returns ``[B, out_size, out_size, out_channels]`` (and the updated statistics).
+    """
+
+    out_channels: int
+    out_size: int | tuple[int, int]
+    dtype: Any = jnp.float32
+    use_relu: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        chex.assert_rank(x, 4)
+        x = resize_feature_map(x.astype(self.dtype), self.out_size)
+        fan_in = x.shape[-1]
+        x = nn.Conv(
+            self.out_channels,
+            (1, 1),
+            use_bias=True,
+            kernel_init=torch_default_kernel,
+            bias_init=torch_default_bias(fan_in),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="conv",
+        )(x)
+        x = batch_norm(None, self.dtype, name="bn")(x, use_running_average=not train)
+        return nn.relu(x) if self.use_relu else x
+
+
+class StackedConnector(nn.Module):
+    """K connectors for K teachers of one architecture, with variables stacked on a leading axis.
+
+    ``nn.vmap`` of :class:`Connector` over the teacher axis (params and batch_stats stacked on axis 0,
+    independent initialisations); one student map ``[B, H, W, C_s]`` in, ``[K, B, out_size, out_size,
+    out_channels]`` out. Slicing the variables at ``k`` gives a plain ``Connector``'s variables.
+    """
+
+    num_teachers: int
+    out_channels: int
+    out_size: int | tuple[int, int]
+    dtype: Any = jnp.float32
+    use_relu: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        stacked = nn.vmap(
+            Connector,
+            variable_axes={"params": 0, "batch_stats": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            out_axes=0,
+            axis_size=self.num_teachers,
+        )
+        return stacked(self.out_channels, self.out_size, self.dtype, self.use_relu, name="connector")(x, train)
