@@ -246,7 +246,8 @@ def make_train_step(setup: Setup) -> Callable:
         step = state.step
         epoch = (step // spe + 1).astype(jnp.float32)  # 1-based, as the lineage counts epochs
         idx = data_lib.batch_indices(data_key, step, setup.num_train, config.batch_size)
-        x = data_lib.augment(images[idx], jax.random.fold_in(jax.random.fold_in(data_key, 1), step), mean, std)
+        x = data_lib.augment(images[idx], jax.random.fold_in(jax.random.fold_in(data_key, 1), step), mean, std,
+                             padding=config.data.crop_padding, flip=config.data.random_flip)
         x = x.astype(dtype)
         y = labels[idx]
         t_logits = t_feats = weights = None
@@ -284,14 +285,13 @@ def make_eval_fn(model: nn.Module, execution: str, num_examples: int, batch_size
     Every example is seen exactly once (padded fixed-size batches with a mask); the ensemble prediction is
     the mean of the members' softmax probabilities.
     """
-    idx, mask = data_lib.eval_batches(num_examples, batch_size)
-    idx, mask = jnp.asarray(idx), jnp.asarray(mask)
+    num_batches = data_lib.num_eval_batches(num_examples, batch_size)
     mean = jnp.asarray(mean, jnp.float32)
     std = jnp.asarray(std, jnp.float32)
 
     def eval_fn(stacked_vars, images, labels):
-        def body(carry, batch):
-            i, m = batch
+        def body(carry, b):
+            i, m = data_lib.eval_batch_indices(b, num_examples, batch_size)
             x = data_lib.normalize(images[i], mean, std).astype(dtype)
             y = labels[i]
             logits = map_stacked(lambda v, x: model.apply(v, x, train=False)[0], execution, stacked_vars, x)
@@ -302,7 +302,7 @@ def make_eval_fn(model: nn.Module, execution: str, num_examples: int, batch_size
 
         n_members = jax.tree_util.tree_leaves(stacked_vars)[0].shape[0]
         init = (jnp.zeros((n_members,), jnp.int32), jnp.zeros((), jnp.int32))
-        (correct, ens), _ = jax.lax.scan(body, init, (idx, mask))
+        (correct, ens), _ = jax.lax.scan(body, init, jnp.arange(num_batches))
         return correct, ens
 
     return eval_fn
