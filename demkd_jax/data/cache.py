@@ -77,14 +77,15 @@ def cache_path(cache_dir: pathlib.Path, source: str, name: str, identity: str, f
     return cache_dir / f"{stem}-{_digest(fingerprint, 12)}.npz"
 
 
-def load(path: pathlib.Path) -> RawData | None:
-    """The cached data, or None when the file is absent or unreadable (an unreadable one is removed)."""
+def load(path: pathlib.Path) -> tuple[RawData, tuple[np.ndarray, np.ndarray]] | None:
+    """``(data, (train mean, train std))`` from the cache, or None when absent or unreadable (then removed)."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in _ARRAYS}
             names = tuple(str(n) for n in z["class_names"].tolist())
+            stats = (z["train_mean"], z["train_std"])
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
         logging.warning("ignoring unreadable cache file %s (%s); rebuilding it", path, e)
         try:
@@ -92,11 +93,14 @@ def load(path: pathlib.Path) -> RawData | None:
         except OSError:
             pass
         return None
-    return RawData(class_names=names, **arrays)
+    return RawData(class_names=names, **arrays), stats
 
 
-def save(path: pathlib.Path, raw: RawData) -> None:
-    """Writes ``raw`` atomically; removes older caches of the same input. A failure only logs a warning."""
+def save(path: pathlib.Path, raw: RawData, stats: tuple[np.ndarray, np.ndarray]) -> None:
+    """Writes ``raw`` and its train ``(mean, std)`` atomically; removes older caches of the same input.
+
+    A failure (read-only or full disk) only logs a warning.
+    """
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +110,8 @@ def save(path: pathlib.Path, raw: RawData) -> None:
             np.savez(
                 f,
                 class_names=np.asarray(raw.class_names, dtype=np.str_),
+                train_mean=stats[0],
+                train_std=stats[1],
                 **{k: getattr(raw, k) for k in _ARRAYS},
             )
             f.flush()

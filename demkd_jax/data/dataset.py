@@ -70,18 +70,21 @@ PUBLISHED_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float,
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact per-channel mean and (population) std of uint8 NHWC images, in units of pixel/255.
 
-    Uses one 256-bin histogram per channel, so it is exact and needs no float copy of the images.
+    From one 256-bin histogram per channel (built over blocks, so no float copy of the images is made).
     """
+    channels = images.shape[-1]
+    flat = images.reshape(-1, channels)
+    counts = np.zeros((channels, 256), np.int64)
+    block = 1 << 22
+    for start in range(0, flat.shape[0], block):
+        planes = np.ascontiguousarray(flat[start : start + block].T)
+        for c in range(channels):
+            counts[c] += np.bincount(planes[c], minlength=256)
     levels = np.arange(256, dtype=np.float64)
-    mean, std = [], []
-    for c in range(images.shape[-1]):
-        counts = np.bincount(images[..., c].reshape(-1), minlength=256).astype(np.float64)
-        total = counts.sum()
-        m = (counts * levels).sum() / total
-        var = (counts * (levels - m) ** 2).sum() / total
-        mean.append(m / 255.0)
-        std.append(np.sqrt(var) / 255.0)
-    return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    total = counts.sum(axis=1)
+    mean = (counts * levels).sum(axis=1) / total
+    var = (counts * (levels[None, :] - mean[:, None]) ** 2).sum(axis=1) / total
+    return (mean / 255.0).astype(np.float32), (np.sqrt(var) / 255.0).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -67,6 +67,12 @@ SPLITS = ("train", "test")
 _ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error, zipfile.BadZipFile)
 
 
+def _reason(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line, for embedding in our one-line messages."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _is_tar_name(path: pathlib.Path) -> bool:
     return path.name.lower().endswith(TAR_SUFFIXES)
 
@@ -74,16 +80,24 @@ def _is_tar_name(path: pathlib.Path) -> bool:
 # ----------------------------------------------------------------------------------------------- tfds
 
 
+def _tfds_root(name: str, data_dir: str | None, variant_dir: str) -> str:
+    """The data_dir tfds searched: the given one, else the part of ``variant_dir`` before ``/<name>/``."""
+    if data_dir:
+        return data_dir
+    base = name.split("/")[0].split(":")[0]
+    head, sep, _ = variant_dir.rpartition(os.sep + base + os.sep)
+    return head if sep else variant_dir
+
+
 def _tfds_not_prepared(name: str, data_dir: str | None, variant_dir: str) -> DatasetNotPreparedError:
-    root = data_dir or "~/tensorflow_datasets (or $TFDS_DATA_DIR)"
-    dd = f" --data_dir={data_dir}" if data_dir else ""
-    py_dd = f"data_dir={data_dir!r}, " if data_dir else ""
+    root = _tfds_root(name, data_dir, variant_dir)
     return DatasetNotPreparedError(
-        f"tfds dataset '{name}' is not prepared in data_dir {root} (looked for an ArrayRecord copy in "
-        f"{variant_dir}); prepare it once on a machine with internet access and TensorFlow installed: "
-        f"`tfds build {name}{dd} --file_format=array_record` (or in Python: tfds.builder({name!r}, {py_dd}"
-        f"file_format='array_record').download_and_prepare()), then copy that directory here if this machine "
-        f"is offline; or use data.source='pickle', 'folder' or 'npz' with local files"
+        f"tfds dataset '{name}' is not prepared in data_dir {root} (no ArrayRecord copy in {variant_dir}); "
+        f"prepare it once on a machine with internet access and TensorFlow installed: "
+        f"`tfds build {name} --data_dir={root} --file_format=array_record` (or in Python: "
+        f"tfds.builder({name!r}, data_dir={root!r}, file_format='array_record').download_and_prepare()), "
+        f"then copy {root} here if this machine is offline; or set data.source to 'pickle', 'folder' or "
+        f"'npz' to read local files"
     )
 
 
@@ -95,7 +109,7 @@ def tfds_dataset_dir(name: str, data_dir: str | None) -> str:
         return os.fspath(tfds.builder(name, data_dir=data_dir).data_dir)
     except Exception as e:  # tfds raises its own DatasetNotFoundError for unknown names
         if type(e).__name__ == "DatasetNotFoundError":
-            raise DataConfigError(f"unknown tfds dataset name '{name}' ({str(e).splitlines()[0]})") from e
+            raise DataConfigError(f"unknown tfds dataset name '{name}' ({_reason(e)})") from e
         raise
 
 
@@ -132,7 +146,8 @@ def read_tfds(name: str, data_dir: str | None) -> RawData:
                 raise _tfds_not_prepared(name, data_dir, variant_dir) from e
             raise DataFormatError(
                 f"tfds dataset '{name}' in {variant_dir} cannot be read as split '{split}' with "
-                f"tfds.data_source: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                f"tfds.data_source ({_reason(e)}); random access needs the ArrayRecord format: "
+                f"`tfds build {name} --data_dir={_tfds_root(name, data_dir, variant_dir)} --file_format=array_record`"
             ) from e
         features = source.dataset_info.features
         missing = [k for k in ("image", "label") if k not in features]
@@ -183,7 +198,7 @@ def _unpickle(data: bytes, origin: str) -> dict[str, Any]:
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:  # pickle raises many types on garbage input
-        raise DataFormatError(f"{origin} is not a readable CIFAR pickle ({type(e).__name__}: {e})") from e
+        raise DataFormatError(f"{origin} is not a readable CIFAR pickle ({_reason(e)})") from e
     if not isinstance(obj, dict):
         raise DataFormatError(f"{origin}: expected a pickled dict, got {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
@@ -238,7 +253,7 @@ def _pickle_files(path: pathlib.Path) -> dict[str, bytes]:
                         raise DataFormatError(f"{path}: the archive holds '{base}' twice")
                     files[base] = tar.extractfile(member).read()  # type: ignore[union-attr]
     except _ARCHIVE_ERRORS as e:
-        raise DataFormatError(f"{path} is not a readable tar archive ({type(e).__name__}: {e})") from e
+        raise DataFormatError(f"{path} is not a readable tar archive ({_reason(e)})") from e
     return files
 
 
@@ -310,7 +325,7 @@ def _decode_chunk(items: Sequence[tuple[str, bytes | None]]) -> np.ndarray:
             with Image.open(io.BytesIO(data) if data is not None else origin) as im:
                 arr = np.asarray(im.convert("RGB"))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise DataFormatError(f"cannot decode image {origin} ({type(e).__name__}: {e})") from e
+            raise DataFormatError(f"cannot decode image {origin} ({_reason(e)})") from e
         if out is None:
             out = np.empty((len(items), *arr.shape), np.uint8)
         elif arr.shape != out.shape[1:]:
@@ -421,16 +436,20 @@ def _folder_root(path: pathlib.Path) -> pathlib.Path:
     raise DataFormatError(f"image folder {path} holds several trees {[d.name for d in inner]}; point data.path at one")
 
 
-def _walk_folder(root: pathlib.Path, decoder: _Decoder) -> None:
+def _walk_folder(root: pathlib.Path, decoder: _Decoder) -> list[str]:
+    """Adds every image of the tree to ``decoder``; returns the train class directories without images."""
+    empty = []
     for split in SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
             continue
         for class_dir in sorted(d for d in split_dir.iterdir() if d.is_dir()):
-            for fn in sorted(os.listdir(class_dir)):
-                if _is_image_name(fn):
-                    full = class_dir / fn
-                    decoder.add((split, class_dir.name, fn), str(full), None)
+            names = [fn for fn in sorted(os.listdir(class_dir)) if _is_image_name(fn)]
+            if not names and split == "train":
+                empty.append(class_dir.name)
+            for fn in names:
+                decoder.add((split, class_dir.name, fn), str(class_dir / fn), None)
+    return empty
 
 
 _TAR_MEMBER = re.compile(r"^(?:(.*)/)?(train|test)/([^/]+)/([^/]+)$")
@@ -458,7 +477,7 @@ def _walk_tar(path: pathlib.Path, decoder: _Decoder) -> None:
                 data = tar.extractfile(member).read()  # type: ignore[union-attr]
                 decoder.add((m.group(2), m.group(3), m.group(4)), f"{path}:{name}", data)
     except _ARCHIVE_ERRORS as e:
-        raise DataFormatError(f"{path} is not a readable tar archive ({type(e).__name__}: {e})") from e
+        raise DataFormatError(f"{path} is not a readable tar archive ({_reason(e)})") from e
 
 
 def read_folder(path: pathlib.Path, num_workers: int = 0) -> RawData:
@@ -469,6 +488,7 @@ def read_folder(path: pathlib.Path, num_workers: int = 0) -> RawData:
             f"source 'folder' is a directory root/{{train,test}}/<class>/ or a tar archive of one"
         )
     decoder = _Decoder(_default_workers(num_workers))
+    empty_classes: list[str] = []
     try:
         if path.is_file():
             where = str(path)
@@ -476,7 +496,7 @@ def read_folder(path: pathlib.Path, num_workers: int = 0) -> RawData:
         else:
             root = _folder_root(path)
             where = str(root)
-            _walk_folder(root, decoder)
+            empty_classes = _walk_folder(root, decoder)
         images = decoder.finish()
     finally:
         decoder.close()
@@ -485,6 +505,11 @@ def read_folder(path: pathlib.Path, num_workers: int = 0) -> RawData:
     by_split = {s: [i for i, k in enumerate(keys) if k[0] == s] for s in SPLITS}
     if not by_split["train"]:
         raise DataNotFoundError(f"image folder {where} has no images under train/ (expected train/<class>/*.png|jpg|jpeg)")
+    if empty_classes:
+        raise DataFormatError(
+            f"image folder {where}: train/ class folder(s) {empty_classes} have no images (a class without "
+            f"training images would silently shift every later label)"
+        )
     if not by_split["test"]:
         raise DataNotFoundError(f"image folder {where} has no test split (expected test/<class>/*.png|jpg|jpeg)")
     class_names = tuple(sorted({keys[i][1] for i in by_split["train"]}))
@@ -529,7 +554,7 @@ def _read_npz_file(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
     except DataFormatError:
         raise
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise DataFormatError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from e
+        raise DataFormatError(f"{path} is not a readable .npz file ({_reason(e)})") from e
 
 
 def read_npz(path: pathlib.Path, num_classes: int) -> RawData:
