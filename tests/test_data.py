@@ -5,7 +5,6 @@ Real data (../shared/data, or $DEMKD_SHARED_DATA) is used where present and skip
 
 from __future__ import annotations
 
-import io
 import os
 import pathlib
 import pickle
@@ -326,6 +325,52 @@ def test_tfds_source_with_mock_data(tmp_path):
     np.testing.assert_allclose(ds.mean, (0.4914, 0.4822, 0.4465))
 
 
+def _tiny_array_record_builder():
+    """A real tfds builder writing ArrayRecord; Tensor (not Image) features, so no TensorFlow is needed."""
+    import tensorflow_datasets as tfds
+
+    global _TINY_BUILDER
+    if _TINY_BUILDER is None:
+
+        class DemkdTinyArrayRecord(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version("1.0.0")
+
+            def _info(self):
+                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(names=["ant", "bee", "cat"])}))
+
+            def _split_generators(self, dl_manager):
+                return {"train": self._generate_examples(7), "test": self._generate_examples(4)}
+
+            def _generate_examples(self, n):
+                for i, (x, y) in enumerate(zip(*_tiny_examples(n))):
+                    yield i, {"image": x, "label": int(y)}
+
+        _TINY_BUILDER = DemkdTinyArrayRecord
+    return _TINY_BUILDER
+
+
+_TINY_BUILDER = None
+
+
+def _tiny_examples(n):
+    rng = np.random.default_rng(n)
+    return rand_images(rng, n), np.arange(n) % 3
+
+
+def test_tfds_source_reads_a_real_array_record_dataset(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    data_dir = tmp_path / "tfds"
+    _tiny_array_record_builder()(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    ds = load(tmp_path, source="tfds", name="demkd_tiny_array_record", num_classes=3, tfds_data_dir=str(data_dir))
+    assert ds.class_names == ("ant", "bee", "cat")
+    for split, n in (("train", 7), ("test", 4)):
+        x, y = _tiny_examples(n)
+        got = sorted(zip(getattr(ds, f"{split}_labels").tolist(), (im.tobytes() for im in getattr(ds, f"{split}_images"))))
+        assert got == sorted(zip(y.tolist(), (im.tobytes() for im in x)))  # tfds shuffles the order on write
+
+
 def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     data_dir = tmp_path / "tfds"
@@ -379,7 +424,10 @@ def test_npz_validation_errors(tmp_path):
         (dict(train={"image": rand_images(rng, 8).astype(np.float32)}), data.DataFormatError,
          ["must be uint8 [N, H, W, 3]", "float32 [8, 32, 32, 3]"], 4),
         (dict(train={"image": rand_images(rng, 8)[..., 0]}), data.DataFormatError, ["uint8 [8, 32, 32]"], 4),
-        (dict(test={"image": rand_images(rng, 5, 28, 28)}), data.DataFormatError, ["28x28", "data.image_size=32"], 4),
+        (dict(train={"image": rand_images(rng, 8, 28, 28)}, test={"image": rand_images(rng, 5, 28, 28)}),
+         data.DataFormatError, ["28x28", "data.image_size=32", "never resized"], 4),
+        (dict(test={"image": rand_images(rng, 5, 28, 28)}), data.DataFormatError,
+         ["train images are [32, 32, 3] but test images are [28, 28, 3]"], 4),
         (dict(train={"label": np.zeros(7, np.int64)}), data.DataFormatError, ["8 images but 7 labels"], 4),
         (dict(train={"label": np.zeros(8, np.float32)}), data.DataFormatError, ["1-D integer array", "float32"], 4),
         (dict(), data.DataFormatError, ["has 4 classes (class0, class1, class2, class3)", "data.num_classes=100"], 100),
@@ -476,6 +524,14 @@ def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
     cached[0].write_bytes(b"garbage")
     ds4 = load(tmp_path, source="npz", num_classes=4, path=str(d))
     np.testing.assert_array_equal(ds4.train_images, second["train"]["image"])
+
+
+def test_a_wrong_class_count_does_not_cost_a_second_decode(tmp_path, monkeypatch):
+    write_npz(tmp_path / "toy", np.random.default_rng(14))
+    with raises(data.DataFormatError, "has 4 classes", "data.num_classes=7"):
+        load(tmp_path, source="npz", name="toy", num_classes=7, path=str(tmp_path / "toy"))
+    monkeypatch.setattr(sources, "read_npz", lambda *a: pytest.fail("decoded twice"))
+    assert load(tmp_path, source="npz", name="toy", num_classes=4, path=str(tmp_path / "toy")).num_classes == 4
 
 
 def test_cache_dir_defaults_and_opt_out(tmp_path, monkeypatch):

@@ -22,7 +22,15 @@ from absl import logging
 
 from demkd_jax.data.dataset import RawData
 
-__all__ = ["CACHE_FORMAT", "default_cache_dir", "resolve_cache_dir", "path_fingerprint", "cache_path", "load", "save"]
+__all__ = [
+    "CACHE_FORMAT",
+    "default_cache_dir",
+    "resolve_cache_dir",
+    "path_fingerprint",
+    "cache_path",
+    "load",
+    "save",
+]
 
 # Bump when the meaning of a cached file changes (a reader's output, the file layout).
 CACHE_FORMAT = 1
@@ -70,7 +78,9 @@ def path_fingerprint(path: str | os.PathLike) -> str:
     return "absent"
 
 
-def cache_path(cache_dir: pathlib.Path, source: str, name: str, identity: str, fingerprint: str) -> pathlib.Path:
+def cache_path(
+    cache_dir: pathlib.Path, source: str, name: str, identity: str, fingerprint: str
+) -> pathlib.Path:
     """Where the cache for this input lives. ``identity``: what the input is (resolved path, options)."""
     slug = re.sub(r"[^A-Za-z0-9_.]+", "_", name)[:40] or "data"
     stem = f"{source}-{slug}-{_digest(f'{CACHE_FORMAT}|{source}|{name}|{identity}', 10)}"

@@ -136,10 +136,11 @@ def _plan_folder(cfg: ml_collections.ConfigDict) -> _Plan:
 def _plan_npz(cfg: ml_collections.ConfigDict) -> _Plan:
     path = _local_path(cfg)
     num_classes = int(cfg.num_classes)
+    named = path.is_dir() and any((path / fn).is_file() for fn in sources.NPZ_NAME_FILES)
     return _Plan(
         read=lambda: sources.read_npz(path, num_classes),
-        # Class names fall back to "0".."K-1" with K from num_classes, so K is part of what is cached.
-        identity=f"{path}|{num_classes}",
+        # Without a names file, class names are "0".."K-1" with K = num_classes: then K is part of the data.
+        identity=str(path) if named else f"{path}|{num_classes}",
         fingerprint=cache.path_fingerprint(path),
         origin=str(path),
         name=cfg.name or path.name,
@@ -226,16 +227,21 @@ def load_dataset(config: Mapping[str, Any] | ml_collections.ConfigDict) -> Datas
         )
         cached = cache.load(cache_file)
     hit = cached is not None
-    raw, computed = cached if cached is not None else (plan.read(), None)
-    raw = validate_raw(raw, origin=plan.origin, num_classes=int(cfg.num_classes), image_size=int(cfg.image_size))
-    if computed is None:
+    if cached is not None:
+        raw, computed = cached
+    else:
+        # Only well-formed data are cached, but before the config's class count and image size are
+        # checked, so that fixing those settings does not cost a second decode.
+        raw = validate_raw(plan.read(), origin=plan.origin, num_classes=-1, image_size=-1)
         computed = channel_stats(raw.train_images)
         if cache_file is not None:
             cache.save(cache_file, raw, computed)
+    raw = validate_raw(raw, origin=plan.origin, num_classes=int(cfg.num_classes), image_size=int(cfg.image_size))
     mean, std, stats_origin = _statistics(computed, plan.name, cfg.normalization)
     ds = Dataset(*raw, mean=mean, std=std, name=plan.name, source=cfg.source, stats_origin=stats_origin)
     logging.info(
         "loaded %s in %.2f s (%s)", ds.summary(), time.perf_counter() - start,
-        f"cache hit {cache_file}" if hit else (f"decoded; cached to {cache_file}" if cache_file else "decoded; cache off"),
+        f"cache hit {cache_file}" if hit
+        else (f"decoded; cached to {cache_file}" if cache_file else "decoded; cache off"),
     )
     return ds

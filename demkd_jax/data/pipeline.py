@@ -57,16 +57,20 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if num_examples < batch_size:
-        raise ValueError(f"num_examples={num_examples} is smaller than batch_size={batch_size}: an epoch has no full batch")
+        raise ValueError(
+            f"num_examples={num_examples} is smaller than batch_size={batch_size}: an epoch has no full batch"
+        )
     return num_examples // batch_size
 
 
 def epoch_permutation(key: jax.Array, epoch: jax.Array | int, num_examples: int) -> jax.Array:
-    """The order of epoch ``epoch``: a permutation of ``range(num_examples)`` (int32), from ``fold_in(key, epoch)``."""
+    """Epoch ``epoch``'s order: a permutation of ``range(num_examples)`` (int32) from ``fold_in(key, epoch)``."""
     return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples).astype(jnp.int32)
 
 
-def batch_indices_from_permutation(permutation: jax.Array, step: jax.Array | int, batch_size: int) -> jax.Array:
+def batch_indices_from_permutation(
+    permutation: jax.Array, step: jax.Array | int, batch_size: int
+) -> jax.Array:
     """Batch ``step % steps_per_epoch`` of the epoch whose :func:`epoch_permutation` is ``permutation``."""
     spe = steps_per_epoch(permutation.shape[0], batch_size)
     position = jnp.asarray(step).astype(jnp.int32) % spe
@@ -146,7 +150,9 @@ def num_eval_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def eval_batch_indices(batch: jax.Array | int, num_examples: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
+def eval_batch_indices(
+    batch: jax.Array | int, num_examples: int, batch_size: int
+) -> tuple[jax.Array, jax.Array]:
     """Indices int32 ``[batch_size]`` and mask bool ``[batch_size]`` of evaluation batch ``batch``.
 
     Batch ``i`` covers examples ``i * batch_size ...`` in order; positions past ``num_examples`` point at

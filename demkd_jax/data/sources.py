@@ -56,6 +56,7 @@ __all__ = [
     "pickle_layout",
     "read_folder",
     "read_npz",
+    "NPZ_NAME_FILES",
     "read_digits",
     "digits_file",
 ]
@@ -164,7 +165,9 @@ def read_tfds(name: str, data_dir: str | None) -> RawData:
             raise DataNotFoundError(f"tfds dataset '{name}' split '{split}' is empty")
         shapes = {im.shape for im in images}
         if len(shapes) != 1:
-            raise DataFormatError(f"tfds dataset '{name}' split '{split}' has images of several shapes {sorted(shapes)}")
+            raise DataFormatError(
+                f"tfds dataset '{name}' split '{split}' has images of several shapes {sorted(shapes)}"
+            )
         splits[split] = (np.stack(images), np.asarray(labels, np.int64))
     return RawData(*splits["train"], *splits["test"], class_names)
 
@@ -207,7 +210,9 @@ def _unpickle(data: bytes, origin: str) -> dict[str, Any]:
 _PICKLE_LAYOUTS = {
     # name: (train files, test files, meta file, label key, names key)
     "cifar100": (("train",), ("test",), "meta", "fine_labels", "fine_label_names"),
-    "cifar10": (tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta", "labels", "label_names"),
+    "cifar10": (
+        tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta", "labels", "label_names"
+    ),
 }
 _PICKLE_DIRS = {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py"}
 _PICKLE_ARCHIVES = {"cifar100": "cifar-100-python.tar.gz", "cifar10": "cifar-10-python.tar.gz"}
@@ -353,7 +358,9 @@ class _Decoder:
         if num_workers > 0:
             import multiprocessing  # pylint: disable=g-import-not-at-top
 
-            self._pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                num_workers, mp_context=multiprocessing.get_context("spawn")
+            )
         self._chunk = chunk
         self._pending: list[tuple[str, bytes | None]] = []
         self._chunks: list[list[tuple[str, bytes | None]]] = []
@@ -504,7 +511,9 @@ def read_folder(path: pathlib.Path, num_workers: int = 0) -> RawData:
 
     by_split = {s: [i for i, k in enumerate(keys) if k[0] == s] for s in SPLITS}
     if not by_split["train"]:
-        raise DataNotFoundError(f"image folder {where} has no images under train/ (expected train/<class>/*.png|jpg|jpeg)")
+        raise DataNotFoundError(
+            f"image folder {where} has no images under train/ (expected train/<class>/*.png|jpg|jpeg)"
+        )
     if empty_classes:
         raise DataFormatError(
             f"image folder {where}: train/ class folder(s) {empty_classes} have no images (a class without "
@@ -531,7 +540,7 @@ def read_folder(path: pathlib.Path, num_workers: int = 0) -> RawData:
 
 # ------------------------------------------------------------------------------------------------ npz
 
-_NAME_FILES = ("class_names.txt", "fine_label_names.txt", "label_names.txt")
+NPZ_NAME_FILES = ("class_names.txt", "fine_label_names.txt", "label_names.txt")
 
 
 def _npz_file(directory: pathlib.Path, split: str) -> pathlib.Path:
@@ -560,12 +569,14 @@ def _read_npz_file(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def read_npz(path: pathlib.Path, num_classes: int) -> RawData:
     """``*train*.npz`` and ``*test*.npz`` from directory ``path`` (see module docstring)."""
     if not path.is_dir():
-        raise DataConfigError(f"data.path {path} for source 'npz' must be a directory holding *train*.npz and *test*.npz")
+        raise DataConfigError(
+            f"data.path {path} for source 'npz' must be a directory holding *train*.npz and *test*.npz"
+        )
     train_file, test_file = _npz_file(path, "train"), _npz_file(path, "test")
     x_train, y_train, names_arr = _read_npz_file(train_file)
     x_test, y_test, _ = _read_npz_file(test_file)
     names: tuple[str, ...] | None = None
-    for fn in _NAME_FILES:
+    for fn in NPZ_NAME_FILES:
         if (path / fn).is_file():
             names = tuple(line.strip() for line in (path / fn).read_text().splitlines() if line.strip())
             break
@@ -577,7 +588,7 @@ def read_npz(path: pathlib.Path, num_classes: int) -> RawData:
             ys = [y for y in (y_train, y_test) if np.issubdtype(np.asarray(y).dtype, np.integer) and np.size(y)]
             k = int(max(int(np.max(y)) for y in ys)) + 1 if ys else 0
         names = tuple(str(i) for i in range(k))
-        logging.info("npz %s: no class-name file (%s); naming classes 0..%d", path, "/".join(_NAME_FILES), k - 1)
+        logging.info("npz %s: no class-name file (%s); naming classes 0..%d", path, "/".join(NPZ_NAME_FILES), k - 1)
     return RawData(x_train, y_train, x_test, y_test, names)
 
 
@@ -613,7 +624,9 @@ def read_digits(image_size: int, test_fraction: float, seed: int) -> RawData:
     and a 4-pixel crop shift at 32x32 moves the digit by exactly one original pixel.
     """
     if image_size <= 0 or image_size % 8:
-        raise DataConfigError(f"source 'digits' needs data.image_size to be a positive multiple of 8, got {image_size}")
+        raise DataConfigError(
+            f"source 'digits' needs data.image_size to be a positive multiple of 8, got {image_size}"
+        )
     if not 0.0 < test_fraction < 1.0:
         raise DataConfigError(f"data.digits_test_fraction must be in (0, 1), got {test_fraction}")
     from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
