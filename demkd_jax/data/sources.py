@@ -1,0 +1,645 @@
+"""Readers for the five data sources. Each returns a :class:`RawData` (both splits, class names).
+
+- ``tfds``: ``tfds.data_source(name, split=..., data_dir=...)``, the ArrayRecord random-access path of
+  tensorflow-datasets, which reads without TensorFlow. Nothing is downloaded: an unprepared dataset raises
+  :class:`DatasetNotPreparedError` with the command that prepares it.
+- ``pickle``: the official python-pickle CIFAR archives, ``cifar-100-python.tar.gz`` (``train``, ``test``,
+  ``meta``; ``fine_labels``, ``fine_label_names``) and ``cifar-10-python.tar.gz`` (``data_batch_1..5``,
+  ``test_batch``, ``batches.meta``; ``labels``, ``label_names``), or their extracted directories. Rows of
+  3072 bytes are CHW planes, turned into NHWC. Unpickled with an allow-list (numpy arrays and plain
+  containers only), so an archive cannot run code.
+- ``folder``: ``root/{train,test}/<class>/*.{png,jpg,jpeg}`` decoded with Pillow as RGB, classes sorted
+  alphabetically, files sorted by name within a class; or a ``.tar``/``.tar.gz``/``.tar.xz``/``.tgz``/
+  ``.tar.bz2`` of such a tree (with or without one top directory), read straight from the archive without
+  extracting it. Images are never resized: sizes must agree.
+- ``npz``: a directory with one ``*train*.npz`` and one ``*test*.npz``, each with ``image`` (uint8
+  NHWC) and ``label``; class names from ``class_names.txt``, ``fine_label_names.txt``,
+  ``label_names.txt`` or a ``class_names`` array in the train file (else ``"0"``, ``"1"``, ...).
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, no download), upsampled to
+  ``image_size`` by pixel replication, grey to RGB, 0..16 to 0..255, split stratified per class.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import importlib
+import importlib.util
+import io
+import lzma
+import os
+import pathlib
+import pickle
+import re
+import tarfile
+import zipfile
+import zlib
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+from absl import logging
+
+from demkd_jax.data.dataset import (
+    DataConfigError,
+    DataFormatError,
+    DataNotFoundError,
+    DatasetNotPreparedError,
+    RawData,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "TAR_SUFFIXES",
+    "read_tfds",
+    "tfds_dataset_dir",
+    "read_pickle",
+    "pickle_layout",
+    "read_folder",
+    "read_npz",
+    "NPZ_NAME_FILES",
+    "read_digits",
+    "digits_file",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2")
+SPLITS = ("train", "test")
+# What tarfile and the gzip/bz2/xz decompressors raise on a damaged archive.
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error, zipfile.BadZipFile)
+
+
+def _reason(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line, for embedding in our one-line messages."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_tar_name(path: pathlib.Path) -> bool:
+    return path.name.lower().endswith(TAR_SUFFIXES)
+
+
+# ----------------------------------------------------------------------------------------------- tfds
+
+
+def _tfds_root(name: str, data_dir: str | None, variant_dir: str) -> str:
+    """The data_dir tfds searched: the given one, else the part of ``variant_dir`` before ``/<name>/``."""
+    if data_dir:
+        return data_dir
+    base = name.split("/")[0].split(":")[0]
+    head, sep, _ = variant_dir.rpartition(os.sep + base + os.sep)
+    return head if sep else variant_dir
+
+
+def _tfds_not_prepared(name: str, data_dir: str | None, variant_dir: str) -> DatasetNotPreparedError:
+    root = _tfds_root(name, data_dir, variant_dir)
+    return DatasetNotPreparedError(
+        f"tfds dataset '{name}' is not prepared in data_dir {root} (no ArrayRecord copy in {variant_dir}); "
+        f"prepare it once on a machine with internet access and TensorFlow installed: "
+        f"`tfds build {name} --data_dir={root} --file_format=array_record` (or in Python: "
+        f"tfds.builder({name!r}, data_dir={root!r}, file_format='array_record').download_and_prepare()), "
+        f"then copy {root} here if this machine is offline; or set data.source to 'pickle', 'folder' or "
+        f"'npz' to read local files"
+    )
+
+
+def tfds_dataset_dir(name: str, data_dir: str | None) -> str:
+    """The versioned directory tfds reads ``name`` from (for the cache fingerprint and messages)."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    try:
+        return os.fspath(tfds.builder(name, data_dir=data_dir).data_dir)
+    except Exception as e:  # tfds raises its own DatasetNotFoundError for unknown names
+        if type(e).__name__ == "DatasetNotFoundError":
+            raise DataConfigError(f"unknown tfds dataset name '{name}' ({_reason(e)})") from e
+        raise
+
+
+def _read_records(source: Sequence[Any], chunk: int = 1024) -> Iterator[dict[str, Any]]:
+    n = len(source)
+    getitems = getattr(source, "__getitems__", None)
+    if getitems is not None and n:
+        try:
+            first = getitems(list(range(min(n, chunk))))
+        except TypeError:
+            # tfds.testing.mock_data's data source implements only __getitem__.
+            getitems = None
+        else:
+            yield from first
+            for start in range(chunk, n, chunk):
+                yield from getitems(list(range(start, min(n, start + chunk))))
+            return
+    for i in range(n):
+        yield source[i]
+
+
+def read_tfds(name: str, data_dir: str | None) -> RawData:
+    """Both splits of tfds dataset ``name`` (with ``image`` and ``label`` features) from ``data_dir``."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    splits = {}
+    class_names: tuple[str, ...] = ()
+    for split in SPLITS:
+        try:
+            source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # tfds raises assorted types here; classify by asking the builder.
+            variant_dir = tfds_dataset_dir(name, data_dir)
+            if not tfds.builder(name, data_dir=data_dir).is_prepared():
+                raise _tfds_not_prepared(name, data_dir, variant_dir) from e
+            raise DataFormatError(
+                f"tfds dataset '{name}' in {variant_dir} cannot be read as split '{split}' with "
+                f"tfds.data_source ({_reason(e)}); random access needs the ArrayRecord format: "
+                f"`tfds build {name} --data_dir={_tfds_root(name, data_dir, variant_dir)} --file_format=array_record`"
+            ) from e
+        features = source.dataset_info.features
+        missing = [k for k in ("image", "label") if k not in features]
+        if missing:
+            raise DataFormatError(
+                f"tfds dataset '{name}' has no feature(s) {missing} (features: {sorted(features.keys())})"
+            )
+        class_names = tuple(str(n) for n in features["label"].names)
+        images, labels = [], []
+        for example in _read_records(source):
+            images.append(np.asarray(example["image"]))
+            labels.append(int(example["label"]))
+        if not images:
+            raise DataNotFoundError(f"tfds dataset '{name}' split '{split}' is empty")
+        shapes = {im.shape for im in images}
+        if len(shapes) != 1:
+            raise DataFormatError(
+                f"tfds dataset '{name}' split '{split}' has images of several shapes {sorted(shapes)}"
+            )
+        splits[split] = (np.stack(images), np.asarray(labels, np.int64))
+    return RawData(*splits["train"], *splits["test"], class_names)
+
+
+# --------------------------------------------------------------------------------------------- pickle
+
+# (module, name) pairs an official CIFAR pickle needs (numpy arrays, bytes from protocol-2 pickles).
+_PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR pickle")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            module = "numpy._core." + module[len("numpy.core.") :]  # numpy 2 renamed numpy.core
+        return getattr(importlib.import_module(module), name)
+
+
+def _unpickle(data: bytes, origin: str) -> dict[str, Any]:
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as e:  # pickle raises many types on garbage input
+        raise DataFormatError(f"{origin} is not a readable CIFAR pickle ({_reason(e)})") from e
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{origin}: expected a pickled dict, got {type(obj).__name__}")
+    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
+
+
+_PICKLE_LAYOUTS = {
+    # name: (train files, test files, meta file, label key, names key)
+    "cifar100": (("train",), ("test",), "meta", "fine_labels", "fine_label_names"),
+    "cifar10": (
+        tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta", "labels", "label_names"
+    ),
+}
+_PICKLE_DIRS = {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py"}
+_PICKLE_ARCHIVES = {"cifar100": "cifar-100-python.tar.gz", "cifar10": "cifar-10-python.tar.gz"}
+
+
+def pickle_layout(members: Iterable[str]) -> str | None:
+    """``"cifar100"`` or ``"cifar10"`` from the file names present, or None."""
+    members = set(members)
+    if "meta" in members or "train" in members:
+        return "cifar100"
+    if "batches.meta" in members or "data_batch_1" in members:
+        return "cifar10"
+    return None
+
+
+def _resolve_pickle_path(path: pathlib.Path) -> pathlib.Path:
+    """The archive or extracted directory itself, given it or a directory that holds exactly one of them."""
+    if path.is_file() or pickle_layout(p.name for p in path.iterdir()):
+        return path
+    found = [path / n for n in (*_PICKLE_DIRS.values(), *_PICKLE_ARCHIVES.values()) if (path / n).exists()]
+    if len(found) == 1:
+        return found[0]
+    expected = ", ".join([*_PICKLE_ARCHIVES.values(), *_PICKLE_DIRS.values()])
+    if not found:
+        raise DataNotFoundError(f"no CIFAR python-pickle archive or directory in {path} (expected one of: {expected})")
+    raise DataConfigError(f"{path} holds several CIFAR pickle inputs {[p.name for p in found]}; point data.path at one")
+
+
+def _pickle_files(path: pathlib.Path) -> dict[str, bytes]:
+    """Base name -> bytes of the top-level-or-nested files of the archive or directory."""
+    files: dict[str, bytes] = {}
+    if path.is_dir():
+        for p in sorted(path.iterdir()):
+            if p.is_file() and not p.name.startswith("."):
+                files[p.name] = p.read_bytes()
+        return files
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile():
+                    base = member.name.rsplit("/", 1)[-1]
+                    if base in files:
+                        raise DataFormatError(f"{path}: the archive holds '{base}' twice")
+                    files[base] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    except _ARCHIVE_ERRORS as e:
+        raise DataFormatError(f"{path} is not a readable tar archive ({_reason(e)})") from e
+    return files
+
+
+def _pickle_split(files: dict[str, bytes], names: Sequence[str], label_key: str, where: str):
+    images, labels = [], []
+    for fn in names:
+        d = _unpickle(files[fn], f"{where}/{fn}")
+        if "data" not in d or label_key not in d:
+            raise DataFormatError(f"{where}/{fn}: expected keys 'data' and '{label_key}', found {sorted(d)}")
+        data = np.asarray(d["data"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise DataFormatError(
+                f"{where}/{fn}: 'data' must be uint8 [N, 3072] (32x32 RGB planes), got {data.dtype} {list(data.shape)}"
+            )
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(np.asarray(d[label_key]))
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+
+
+def read_pickle(path: pathlib.Path, name: str) -> RawData:
+    """The official CIFAR python-pickle archive (or its extracted directory) at ``path``.
+
+    ``name`` (``cifar10``/``cifar100``) must match the archive's layout.
+    """
+    path = _resolve_pickle_path(path)
+    files = _pickle_files(path)
+    layout = pickle_layout(files)
+    if layout is None:
+        raise DataFormatError(
+            f"{path} is not a CIFAR python-pickle archive: found {sorted(files)[:8]}, expected "
+            f"train/test/meta (CIFAR-100) or data_batch_1..5/test_batch/batches.meta (CIFAR-10)"
+        )
+    if name != layout:
+        raise DataConfigError(f"{path} holds {layout} but data.name='{name}'")
+    train_files, test_files, meta, label_key, names_key = _PICKLE_LAYOUTS[layout]
+    for split, needed in (("train", (*train_files, meta)), ("test", test_files)):
+        missing = [f for f in needed if f not in files]
+        if missing:
+            raise DataNotFoundError(f"{path}: {layout} {split} split is incomplete, missing file(s) {missing}")
+    meta_d = _unpickle(files[meta], f"{path}/{meta}")
+    if names_key not in meta_d:
+        raise DataFormatError(f"{path}/{meta}: expected key '{names_key}', found {sorted(meta_d)}")
+    class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta_d[names_key])
+    train = _pickle_split(files, train_files, label_key, str(path))
+    test = _pickle_split(files, test_files, label_key, str(path))
+    return RawData(*train, *test, class_names)
+
+
+# --------------------------------------------------------------------------------------------- folder
+
+
+def _default_workers(num_workers: int) -> int:
+    if num_workers >= 0:
+        return num_workers
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return min(cpus, 8)
+
+
+def _decode_chunk(items: Sequence[tuple[str, bytes | None]]) -> np.ndarray:
+    """Decodes ``(origin, bytes or None to read origin)`` pairs to one uint8 [n, H, W, 3] array."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    out: np.ndarray | None = None
+    for i, (origin, data) in enumerate(items):
+        try:
+            with Image.open(io.BytesIO(data) if data is not None else origin) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise DataFormatError(f"cannot decode image {origin} ({_reason(e)})") from e
+        if out is None:
+            out = np.empty((len(items), *arr.shape), np.uint8)
+        elif arr.shape != out.shape[1:]:
+            raise DataFormatError(
+                f"image {origin} is {arr.shape[0]}x{arr.shape[1]} but {items[0][0]} is "
+                f"{out.shape[1]}x{out.shape[2]} (images are never resized; all must have one size)"
+            )
+        out[i] = arr
+    assert out is not None
+    return out
+
+
+class _Decoder:
+    """Decodes images in chunks, in input order: in this process, or on ``num_workers`` processes.
+
+    Decoding a 32x32 JPEG is mostly Pillow's Python-level header parsing, so threads do not help (measured:
+    no gain); processes do. They are started with "spawn" (never "fork": JAX's threads may already run
+    here), which re-imports the calling script's ``__main__`` module in each worker, so a script that
+    sets ``num_workers > 0`` must keep its work under ``if __name__ == "__main__":`` (as absl's
+    ``app.run`` scripts do). If the pool breaks anyway, the chunks are decoded here, with a warning.
+    """
+
+    def __init__(self, num_workers: int, chunk: int = 1000):
+        self._pool = None
+        if num_workers > 0:
+            import multiprocessing  # pylint: disable=g-import-not-at-top
+
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                num_workers, mp_context=multiprocessing.get_context("spawn")
+            )
+        self._chunk = chunk
+        self._pending: list[tuple[str, bytes | None]] = []
+        self._chunks: list[list[tuple[str, bytes | None]]] = []
+        self._results: list[Any] = []  # futures (pool) or arrays
+        self.keys: list[tuple[str, str, str]] = []  # (split, class, file name) per image
+
+    def add(self, key: tuple[str, str, str], origin: str, data: bytes | None) -> None:
+        self.keys.append(key)
+        self._pending.append((origin, data))
+        if len(self._pending) >= self._chunk:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        items, self._pending = self._pending, []
+        if self._pool is None:
+            self._results.append(_decode_chunk(items))
+            return
+        self._chunks.append(items)
+        try:
+            self._results.append(self._pool.submit(_decode_chunk, items))
+        except concurrent.futures.BrokenExecutor:
+            self._results.append(None)  # decoded in finish()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def _collect(self) -> list[np.ndarray]:
+        if self._pool is None:
+            return self._results
+        arrays, warned = [], False
+        for items, fut in zip(self._chunks, self._results):
+            try:
+                if fut is None:
+                    raise concurrent.futures.BrokenExecutor("the pool broke before this chunk was submitted")
+                arrays.append(fut.result())
+            except concurrent.futures.BrokenExecutor as e:
+                if not warned:
+                    logging.warning("image-decoding worker processes failed (%s); decoding in this process", e)
+                    warned = True
+                arrays.append(_decode_chunk(items))
+        return arrays
+
+    def finish(self) -> np.ndarray:
+        """All decoded images, in the order they were added."""
+        self._flush()
+        arrays = self._collect()
+        shapes = {a.shape[1:] for a in arrays}
+        if len(shapes) > 1:
+            first = arrays[0].shape[1:]
+            offset = 0
+            for a in arrays:
+                if a.shape[1:] != first:
+                    key = self.keys[offset]
+                    raise DataFormatError(
+                        f"image {'/'.join(key)} is {a.shape[1]}x{a.shape[2]} but {'/'.join(self.keys[0])} is "
+                        f"{first[0]}x{first[1]} (images are never resized; all must have one size)"
+                    )
+                offset += a.shape[0]
+        return np.concatenate(arrays) if arrays else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def _is_image_name(fn: str) -> bool:
+    return fn.lower().endswith(IMAGE_EXTENSIONS) and not fn.startswith(".")
+
+
+def _folder_root(path: pathlib.Path) -> pathlib.Path:
+    """``path`` if it has train/ or test/, else its only subdirectory that does."""
+    if any((path / s).is_dir() for s in SPLITS):
+        return path
+    inner = [d for d in sorted(path.iterdir()) if d.is_dir() and any((d / s).is_dir() for s in SPLITS)]
+    if len(inner) == 1:
+        return inner[0]
+    if not inner:
+        raise DataNotFoundError(
+            f"image folder {path} has no train/ or test/ directory (expected {path}/train/<class>/*.png|jpg|jpeg)"
+        )
+    raise DataFormatError(f"image folder {path} holds several trees {[d.name for d in inner]}; point data.path at one")
+
+
+def _walk_folder(root: pathlib.Path, decoder: _Decoder) -> list[str]:
+    """Adds every image of the tree to ``decoder``; returns the train class directories without images."""
+    empty = []
+    for split in SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            continue
+        for class_dir in sorted(d for d in split_dir.iterdir() if d.is_dir()):
+            names = [fn for fn in sorted(os.listdir(class_dir)) if _is_image_name(fn)]
+            if not names and split == "train":
+                empty.append(class_dir.name)
+            for fn in names:
+                decoder.add((split, class_dir.name, fn), str(class_dir / fn), None)
+    return empty
+
+
+_TAR_MEMBER = re.compile(r"^(?:(.*)/)?(train|test)/([^/]+)/([^/]+)$")
+
+
+def _walk_tar(path: pathlib.Path, decoder: _Decoder) -> None:
+    prefix: str | None = None
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name[2:] if member.name.startswith("./") else member.name
+                m = _TAR_MEMBER.match(name)
+                if not m or not _is_image_name(m.group(4)) or "__MACOSX" in name:
+                    continue
+                top = m.group(1) or ""
+                if prefix is None:
+                    prefix = top
+                elif top != prefix:
+                    raise DataFormatError(
+                        f"{path} holds several image-folder trees ('{prefix or '.'}' and '{top or '.'}'); "
+                        f"expected one <root>/{{train,test}}/<class>/<image>"
+                    )
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                decoder.add((m.group(2), m.group(3), m.group(4)), f"{path}:{name}", data)
+    except _ARCHIVE_ERRORS as e:
+        raise DataFormatError(f"{path} is not a readable tar archive ({_reason(e)})") from e
+
+
+def read_folder(path: pathlib.Path, num_workers: int = 0) -> RawData:
+    """An image-folder tree (or a tar archive of one) at ``path``; ``num_workers`` decoding processes."""
+    if path.is_file() and not _is_tar_name(path):
+        raise DataConfigError(
+            f"{path} is a file but not a tar archive ({', '.join(TAR_SUFFIXES)}); data.path for "
+            f"source 'folder' is a directory root/{{train,test}}/<class>/ or a tar archive of one"
+        )
+    decoder = _Decoder(_default_workers(num_workers))
+    empty_classes: list[str] = []
+    try:
+        if path.is_file():
+            where = str(path)
+            _walk_tar(path, decoder)
+        else:
+            root = _folder_root(path)
+            where = str(root)
+            empty_classes = _walk_folder(root, decoder)
+        images = decoder.finish()
+    finally:
+        decoder.close()
+    keys = decoder.keys
+
+    by_split = {s: [i for i, k in enumerate(keys) if k[0] == s] for s in SPLITS}
+    if not by_split["train"]:
+        raise DataNotFoundError(
+            f"image folder {where} has no images under train/ (expected train/<class>/*.png|jpg|jpeg)"
+        )
+    if empty_classes:
+        raise DataFormatError(
+            f"image folder {where}: train/ class folder(s) {empty_classes} have no images (a class without "
+            f"training images would silently shift every later label)"
+        )
+    if not by_split["test"]:
+        raise DataNotFoundError(f"image folder {where} has no test split (expected test/<class>/*.png|jpg|jpeg)")
+    class_names = tuple(sorted({keys[i][1] for i in by_split["train"]}))
+    index = {c: i for i, c in enumerate(class_names)}
+    extra = sorted({keys[i][1] for i in by_split["test"]} - set(class_names))
+    if extra:
+        raise DataFormatError(f"image folder {where}: test/ has classes with no train images: {extra}")
+
+    out = []
+    for split in SPLITS:
+        # Class-alphabetical, then file-name order, however the archive happened to be ordered.
+        order = sorted(by_split[split], key=lambda i: (keys[i][1], keys[i][2]))
+        out += [images[order], np.asarray([index[keys[i][1]] for i in order], np.int64)]
+    counts = collections.Counter(keys[i][1] for i in by_split["train"])
+    logging.info("image folder %s: %d classes, %d-%d train images per class", where, len(class_names),
+                 min(counts.values()), max(counts.values()))
+    return RawData(*out, class_names)
+
+
+# ------------------------------------------------------------------------------------------------ npz
+
+NPZ_NAME_FILES = ("class_names.txt", "fine_label_names.txt", "label_names.txt")
+
+
+def _npz_file(directory: pathlib.Path, split: str) -> pathlib.Path:
+    found = sorted(p for p in directory.glob(f"*{split}*.npz") if p.is_file())
+    if not found:
+        raise DataNotFoundError(f"npz directory {directory} has no {split} split (expected a file *{split}*.npz)")
+    if len(found) > 1:
+        raise DataFormatError(f"npz directory {directory} has several {split} files {[p.name for p in found]}")
+    return found[0]
+
+
+def _read_npz_file(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            if "image" not in keys or "label" not in keys:
+                raise DataFormatError(f"{path}: expected arrays 'image' and 'label', found {keys}")
+            names = z["class_names"] if "class_names" in keys else None
+            return z["image"], z["label"], names
+    except DataFormatError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise DataFormatError(f"{path} is not a readable .npz file ({_reason(e)})") from e
+
+
+def read_npz(path: pathlib.Path, num_classes: int) -> RawData:
+    """``*train*.npz`` and ``*test*.npz`` from directory ``path`` (see module docstring)."""
+    if not path.is_dir():
+        raise DataConfigError(
+            f"data.path {path} for source 'npz' must be a directory holding *train*.npz and *test*.npz"
+        )
+    train_file, test_file = _npz_file(path, "train"), _npz_file(path, "test")
+    x_train, y_train, names_arr = _read_npz_file(train_file)
+    x_test, y_test, _ = _read_npz_file(test_file)
+    names: tuple[str, ...] | None = None
+    for fn in NPZ_NAME_FILES:
+        if (path / fn).is_file():
+            names = tuple(line.strip() for line in (path / fn).read_text().splitlines() if line.strip())
+            break
+    if names is None and names_arr is not None:
+        names = tuple(str(n) for n in names_arr.tolist())
+    if names is None:
+        k = num_classes
+        if k <= 0:
+            ys = [y for y in (y_train, y_test) if np.issubdtype(np.asarray(y).dtype, np.integer) and np.size(y)]
+            k = int(max(int(np.max(y)) for y in ys)) + 1 if ys else 0
+        names = tuple(str(i) for i in range(k))
+        logging.info("npz %s: no class-name file (%s); naming classes 0..%d", path, "/".join(NPZ_NAME_FILES), k - 1)
+    return RawData(x_train, y_train, x_test, y_test, names)
+
+
+# --------------------------------------------------------------------------------------------- digits
+
+
+def digits_file() -> pathlib.Path:
+    """scikit-learn's bundled digits data file (located without importing scikit-learn)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise DataConfigError("source 'digits' needs scikit-learn (pip install scikit-learn)")
+    return pathlib.Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and test indices: per class, round(test_fraction * count) random members go to test."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    train, test = [], []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        members = members[rng.permutation(members.size)]
+        k = int(round(test_fraction * members.size))
+        test.append(members[:k])
+        train.append(members[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def read_digits(image_size: int, test_fraction: float, seed: int) -> RawData:
+    """The 8x8 digits as ``image_size`` RGB uint8 images, split stratified (see module docstring).
+
+    Upsampling replicates each pixel ``image_size // 8`` times (nearest neighbour at an integer factor):
+    lossless and exactly invertible, so every image is the original data at a convolution-friendly size,
+    and a 4-pixel crop shift at 32x32 moves the digit by exactly one original pixel.
+    """
+    if image_size <= 0 or image_size % 8:
+        raise DataConfigError(
+            f"source 'digits' needs data.image_size to be a positive multiple of 8, got {image_size}"
+        )
+    if not 0.0 < test_fraction < 1.0:
+        raise DataConfigError(f"data.digits_test_fraction must be in (0, 1), got {test_fraction}")
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+    bunch = load_digits()
+    grey = np.asarray(bunch.images)
+    if grey.min() < 0 or grey.max() > 16 or not np.array_equal(grey, np.round(grey)):
+        raise DataFormatError("scikit-learn digits: expected integer pixel values in 0..16")
+    grey = grey.astype(np.int64)
+    u8 = ((grey * 255 + 8) // 16).astype(np.uint8)  # 0 -> 0, 16 -> 255, round half up
+    factor = image_size // 8
+    u8 = np.repeat(np.repeat(u8, factor, axis=1), factor, axis=2)
+    rgb = np.ascontiguousarray(np.repeat(u8[..., None], 3, axis=-1))
+    labels = np.asarray(bunch.target, np.int64)
+    train, test = stratified_split(labels, test_fraction, seed)
+    return RawData(rgb[train], labels[train], rgb[test], labels[test], tuple(str(i) for i in range(10)))
