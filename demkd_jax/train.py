@@ -94,6 +94,17 @@ def map_stacked(fn: Callable, execution: str, stacked: Any, *shared: Any) -> Any
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
 
 
+def data_seed_key(config) -> jax.Array:
+    """The key of the data order and augmentation: a function of the seed only, shared by the replicas."""
+    return jax.random.PRNGKey(config.seed)
+
+
+def epoch_permutation_fn(config, num_train: int) -> Callable[[int], jax.Array]:
+    """``epoch -> permutation`` (1-based epochs), jitted; the order of the training set in that epoch."""
+    fn = jax.jit(lambda e: data_lib.epoch_permutation(data_seed_key(config), e, num_train))
+    return lambda epoch: fn(jnp.int32(epoch - 1))
+
+
 def compute_dtype(config) -> jnp.dtype:
     return jnp.dtype(config.dtype)
 
@@ -177,7 +188,11 @@ def logit_weights(setup: Setup, t_logits: jax.Array, labels: jax.Array) -> jax.A
 
 
 def make_train_step(setup: Setup) -> Callable:
-    """Returns ``train_step(state, teacher_vars, images, labels) -> (state, metrics)`` (pure, to be jitted)."""
+    """Returns ``train_step(state, teacher_vars, images, labels, perm) -> (state, metrics)`` (pure, to be jitted).
+
+    ``perm`` is the epoch's permutation of the training set (:func:`epoch_permutation`, computed on the
+    device once per epoch: recomputing a 50k permutation every step would cost more than the augmentation).
+    """
     config = setup.config
     d = config.distill
     method = setup.method
@@ -187,7 +202,7 @@ def make_train_step(setup: Setup) -> Callable:
     logit_kind = {"kd": "kd", "aver": "kd", "ebkd": "kd", "camkd": "kd", "dkd": "dkd", "demkd": "dkd"}.get(method)
     mean = jnp.asarray(setup.mean, jnp.float32)
     std = jnp.asarray(setup.std, jnp.float32)
-    data_key = jax.random.PRNGKey(config.seed)
+    data_key = data_seed_key(config)
 
     def replica_update(params, batch_stats, opt_state, x, y, t_logits, t_feats, weights, epoch, teacher_vars):
         def loss_fn(params):
@@ -216,7 +231,7 @@ def make_train_step(setup: Setup) -> Callable:
                     if method == "camkd":
                         # CA-MKD: each teacher's own classifier judges the student's projected feature.
                         head_logits = map_stacked(
-                            lambda v, f: setup.teacher.apply(v, f, method="head"), setup.teacher_execution,
+                            lambda vf: setup.teacher.apply(vf[0], vf[1], method="head"), setup.teacher_execution,
                             (teacher_vars, jax.lax.stop_gradient(projected)))
                         feat_weights = losses.camkd_feature_weights(head_logits, y)
                     else:
@@ -228,7 +243,7 @@ def make_train_step(setup: Setup) -> Callable:
         (loss, (terms, new_stats, s_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, new_opt_state = setup.tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step never reaches the state (config.on_nonfinite decides whether the run stops).
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -237,15 +252,15 @@ def make_train_step(setup: Setup) -> Callable:
             **terms,
             "accuracy": jnp.mean(jnp.argmax(s_logits, -1) == y) * 100.0,
             "grad_norm": grad_norm,
-            "param_norm": optax.global_norm(params),
+            "param_norm": optax.tree.norm(params),
             "nonfinite": (~ok).astype(jnp.int32),
         }
         return (keep(new_params, params), keep(new_stats, batch_stats), keep(new_opt_state, opt_state)), metrics
 
-    def train_step(state: TrainState, teacher_vars: Params, images: jax.Array, labels: jax.Array):
+    def train_step(state: TrainState, teacher_vars: Params, images: jax.Array, labels: jax.Array, perm: jax.Array):
         step = state.step
         epoch = (step // spe + 1).astype(jnp.float32)  # 1-based, as the lineage counts epochs
-        idx = data_lib.batch_indices(data_key, step, setup.num_train, config.batch_size)
+        idx = data_lib.batch_indices_from_permutation(perm, step % spe, config.batch_size)
         x = data_lib.augment(images[idx], jax.random.fold_in(jax.random.fold_in(data_key, 1), step), mean, std,
                              padding=config.data.crop_padding, flip=config.data.random_flip)
         x = x.astype(dtype)
@@ -348,6 +363,71 @@ def load_teachers(config, dirs, num_classes: int) -> tuple[str, float, Params, l
     return name, width, stacked, [m for _, m in loaded]
 
 
+@dataclasses.dataclass(frozen=True)
+class Teachers:
+    """K frozen teachers of one architecture, variables stacked on axis 0 (BN folded if configured)."""
+
+    model_name: str
+    width: float
+    variables: Params
+    dirs: tuple[pathlib.Path, ...]
+    folded: bool
+
+
+def prepare_teachers(config, workdir: pathlib.Path, num_classes: int, log: Callable = print) -> Teachers | None:
+    """Loads the configured teacher checkpoints, or trains the teacher ensemble first (resumably)."""
+    if config.distill.method == "ce":
+        return None
+    if config.teachers.checkpoints:
+        dirs = [pathlib.Path(p) for p in config.teachers.checkpoints]
+    else:
+        t_workdir = pathlib.Path(workdir) / "teachers"
+        dirs = teacher_dirs(t_workdir, config.teachers.num)
+        if not all((d / ckpt_lib.TEACHER_META).is_file() for d in dirs):
+            log(f"training {config.teachers.num} x {config.teachers.model} teachers in {t_workdir}")
+            train_and_evaluate(teacher_config(config), str(t_workdir))
+    name, width, variables, _ = load_teachers(config, dirs, num_classes)
+    if config.teachers.fold_bn:
+        variables = jax.vmap(models.fold_batchnorm)(variables)
+    return Teachers(name, width, variables, tuple(dirs), bool(config.teachers.fold_bn))
+
+
+def build_setup(config, ds, teachers: Teachers | None) -> Setup:
+    """The static description of the run: models, connectors, optimizer, execution modes."""
+    dtype = compute_dtype(config)
+    method = config.distill.method
+    n_train = ds.train_images.shape[0]
+    spe = n_train // config.batch_size
+    student = models.create_model(config.student.model, ds.num_classes, dtype, width=config.student.width)
+    teacher = None
+    if teachers is not None:
+        teacher = models.create_model(teachers.model_name, ds.num_classes, dtype, width=teachers.width,
+                                      fold_bn=teachers.folded)
+    num_teachers = 0 if teachers is None else jax.tree_util.tree_leaves(teachers.variables)[0].shape[0]
+    feature_index = connector = None
+    if config_lib.uses_features(config):
+        feature_index = config.distill.hint_layer if method == "fitnet_mkd" else -2
+        x0 = jnp.zeros((2, 32, 32, 3), jnp.float32)
+        s_feats = jax.eval_shape(lambda: student.apply(student.init(jax.random.PRNGKey(0), x0, train=False),
+                                                         x0, train=False)[1])
+        t_feats = jax.eval_shape(lambda: teacher.apply(jax.tree_util.tree_map(lambda a: a[0], teachers.variables),
+                                                         x0, train=False)[1])
+        for name, feats in (("student", s_feats), ("teacher", t_feats)):
+            if not -len(feats) <= feature_index < len(feats) - 1:
+                raise config_lib.ConfigError(
+                    f"config.distill.hint_layer={feature_index} is out of range for the {name}'s "
+                    f"{len(feats) - 1} feature maps")
+        t_shape = t_feats[feature_index].shape
+        connector = losses.StackedConnector(num_teachers=num_teachers, out_channels=t_shape[-1],
+                                            out_size=t_shape[1], dtype=dtype)
+    return Setup(
+        config=config, student=student, teacher=teacher, connector=connector, tx=make_optimizer(config, spe),
+        steps_per_epoch=spe, num_replicas=config_lib.num_replicas(config), num_teachers=num_teachers,
+        replica_execution=resolve_execution(config.execution),
+        teacher_execution=resolve_execution(config.teachers.execution), feature_index=feature_index,
+        num_train=n_train, mean=tuple(float(m) for m in ds.mean), std=tuple(float(v) for v in ds.std))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Logging
 
@@ -440,65 +520,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total_steps = spe * config.num_epochs
     log = print
 
-    # --- teachers
-    teacher = teacher_vars = None
-    teacher_summary: dict[str, Any] = {}
-    num_teachers = 0
-    if method != "ce":
-        if config.teachers.checkpoints:
-            dirs = [pathlib.Path(p) for p in config.teachers.checkpoints]
-        else:
-            t_workdir = workdir / "teachers"
-            dirs = teacher_dirs(t_workdir, config.teachers.num)
-            if not all((d / ckpt_lib.TEACHER_META).is_file() for d in dirs):
-                log(f"training {config.teachers.num} x {config.teachers.model} teachers in {t_workdir}")
-                train_and_evaluate(teacher_config(config), str(t_workdir))
-        t_name, t_width, t_vars, t_meta = load_teachers(config, dirs, ds.num_classes)
-        num_teachers = len(dirs)
-        teacher = models.create_model(t_name, ds.num_classes, dtype, width=t_width, fold_bn=config.teachers.fold_bn)
-        if config.teachers.fold_bn:
-            t_vars = jax.vmap(models.fold_batchnorm)(t_vars)
-        teacher_vars = jax.device_put(t_vars)
-        teacher_summary = {"model": t_name, "dirs": [str(d) for d in dirs]}
-
-    # --- static setup
-    student = models.create_model(config.student.model, ds.num_classes, dtype, width=config.student.width)
-    feature_index = None
-    connector = None
-    if config_lib.uses_features(config):
-        feature_index = config.distill.hint_layer if method == "fitnet_mkd" else -2
-        x0 = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-        s_feats = jax.eval_shape(lambda: student.apply(student.init(jax.random.PRNGKey(0), x0, train=False),
-                                                         jnp.zeros(x0.shape), train=False)[1])
-        t_feats = jax.eval_shape(lambda: teacher.apply(jax.tree_util.tree_map(lambda a: a[0], t_vars),
-                                                         jnp.zeros(x0.shape), train=False)[1])
-        for name, feats in (("student", s_feats), ("teacher", t_feats)):
-            if not -len(feats) <= feature_index < len(feats) - 1:
-                raise config_lib.ConfigError(
-                    f"config.distill.hint_layer={feature_index} is out of range for the {name}'s "
-                    f"{len(feats) - 1} feature maps")
-        t_shape = t_feats[feature_index].shape
-        connector = losses.StackedConnector(num_teachers=num_teachers, out_channels=t_shape[-1],
-                                            out_size=t_shape[1], dtype=dtype)
-    setup = Setup(
-        config=config, student=student, teacher=teacher, connector=connector, tx=make_optimizer(config, spe),
-        steps_per_epoch=spe, num_replicas=replicas, num_teachers=num_teachers,
-        replica_execution=resolve_execution(config.execution),
-        teacher_execution=resolve_execution(config.teachers.execution), feature_index=feature_index,
-        num_train=n_train, mean=tuple(ds.mean), std=tuple(ds.std))
+    teachers = prepare_teachers(config, workdir, ds.num_classes, log)
+    setup = build_setup(config, ds, teachers)
+    teacher_vars = None if teachers is None else jax.device_put(teachers.variables)
+    teacher_summary: dict[str, Any] = {} if teachers is None else {"model": teachers.model_name,
+                                                                  "dirs": [str(d) for d in teachers.dirs]}
+    teacher, num_teachers = setup.teacher, setup.num_teachers
 
     train_images, train_labels = jax.device_put(ds.train_images), jax.device_put(ds.train_labels)
     test_images, test_labels = jax.device_put(ds.test_images), jax.device_put(ds.test_labels)
     n_test = ds.test_images.shape[0]
     eval_batch = min(config.eval_batch_size, n_test)
-    student_eval = jax.jit(make_eval_fn(student, setup.replica_execution, n_test, eval_batch, ds.mean, ds.std, dtype))
+    student_eval = jax.jit(make_eval_fn(setup.student, setup.replica_execution, n_test, eval_batch, ds.mean, ds.std, dtype))
 
     # --- teachers' own accuracy, once
     if teacher is not None:
         t_eval = make_eval_fn(teacher, setup.teacher_execution, n_test, eval_batch, ds.mean, ds.std, dtype)
         correct, ens = jax.device_get(jax.jit(t_eval)(teacher_vars, test_images, test_labels))
-        teacher_summary["test_acc"] = [round(100.0 * c / n_test, 2) for c in correct]
-        teacher_summary["ensemble_test_acc"] = round(100.0 * ens / n_test, 2)
+        teacher_summary["test_acc"] = [round(100.0 * float(c) / n_test, 2) for c in correct]
+        teacher_summary["ensemble_test_acc"] = round(100.0 * float(ens) / n_test, 2)
         log(f"teachers ({teacher_summary['model']} x {num_teachers}): test top-1 {teacher_summary['test_acc']}, "
             f"ensemble {teacher_summary['ensemble_test_acc']}")
 
@@ -521,6 +561,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step = int(jax.device_get(state.step))
 
     train_step = jax.jit(make_train_step(setup), donate_argnums=(0,))
+    permutation = epoch_permutation_fn(config, n_train)
     best = max((r["test_acc"] for r in history), default=float("-inf"))
     epoch_acc = history[-1]["test_acc_per_replica"] if history else None
     skipped = 0
@@ -536,8 +577,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t_epoch, images_seen = time.time(), 0
         pending: list[dict] = []
         sums: dict[str, Any] = {}
+        perm = permutation(epoch)
         while step < epoch_end:
-            state, metrics = train_step(state, teacher_vars, train_images, train_labels)
+            state, metrics = train_step(state, teacher_vars, train_images, train_labels, perm)
             pending.append(metrics)
             step += 1
             images_seen += config.batch_size
@@ -559,7 +601,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         epoch_time = time.time() - t_epoch
         student_vars = {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
         correct, ens = jax.device_get(student_eval(student_vars, test_images, test_labels))
-        epoch_acc = [round(100.0 * c / n_test, 2) for c in correct]
+        epoch_acc = [round(100.0 * float(c) / n_test, 2) for c in correct]
         acc = float(np.mean(epoch_acc))
         best = max(best, acc)
         record = {
@@ -570,7 +612,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "epoch_time_s": round(epoch_time, 2), "img_per_s": round(images_seen / epoch_time, 1),
         }
         if replicas > 1 and method == "ce":
-            record["ensemble_test_acc"] = round(100.0 * ens / n_test, 2)
+            record["ensemble_test_acc"] = round(100.0 * float(ens) / n_test, 2)
         metrics_log.write(record)
         history.append(record)
         log(f"epoch {epoch}/{config.num_epochs}: loss {record['train_loss']:.4f} train {record['train_accuracy']:.2f}% "

@@ -1,0 +1,245 @@
+"""The trainer: teacher ensembles, one step of every method, loss wiring, no recompiles, exact resume, eval."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from demkd_jax import checkpoint as ckpt_lib
+from demkd_jax import config as config_lib
+from demkd_jax import data as data_lib
+from demkd_jax import models, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NUM_CLASSES = 10
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tiny npz dataset: 96 train / 37 test 32x32 images, class-coloured so that it is learnable."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    rng = np.random.default_rng(0)
+    palette = rng.integers(0, 256, (NUM_CLASSES, 3))
+
+    def split(n):
+        labels = np.arange(n) % NUM_CLASSES
+        images = rng.integers(0, 64, (n, 32, 32, 3)) + palette[labels][:, None, None, :] // 2
+        return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+    for name, n in (("train", 96), ("test", 37)):
+        images, labels = split(n)
+        np.savez(root / f"tiny_{name}.npz", image=images, label=labels)
+    return root
+
+
+def tiny_config(data_dir, cache_dir, **overrides):
+    c = config_lib.base_config()
+    c.data.source = "npz"
+    c.data.path = str(data_dir)
+    c.data.name = "tiny"
+    c.data.num_classes = NUM_CLASSES
+    c.data.cache_dir = str(cache_dir)
+    c.student.model = "resnet8"
+    c.student.width = 0.25
+    c.num_epochs = 2
+    c.batch_size = 16
+    c.eval_batch_size = 8
+    c.optim.learning_rate = 0.05
+    c.progress_bar = False
+    c.log_every_steps = 4
+    c.distill.warmup_epochs = 20
+    for key, value in overrides.items():
+        target = c
+        *path, leaf = key.split(".")
+        for p in path:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def teacher_run(data_dir, cache_dir, tmp_path_factory):
+    """Two resnet8 teachers trained at once (method 'ce', ensemble_size 2) for one epoch."""
+    workdir = tmp_path_factory.mktemp("teachers")
+    config = tiny_config(data_dir, cache_dir, **{"distill.method": "ce", "ensemble_size": 2, "num_epochs": 1,
+                                                 "student.width": 0.5})
+    summary = train.train_and_evaluate(config, str(workdir))
+    return workdir, summary
+
+
+def test_teacher_ensemble_writes_loadable_teachers(teacher_run):
+    workdir, summary = teacher_run
+    assert summary["replicas"] == 2 and summary["ensemble_test_acc"] is not None
+    assert len(summary["final_test_acc"]) == 2
+    for k, d in enumerate(summary["teacher_dirs"]):
+        variables, meta = ckpt_lib.load_teacher(d, model_name="resnet8", num_classes=NUM_CLASSES)
+        assert meta["member"] == k and meta["test_acc"] == summary["final_test_acc"][k]
+        assert models.count_params(variables["params"]) > 0
+    # The two members were initialised differently.
+    a, _ = ckpt_lib.load_teacher(summary["teacher_dirs"][0])
+    b, _ = ckpt_lib.load_teacher(summary["teacher_dirs"][1])
+    assert not np.array_equal(a["params"]["fc"]["kernel"], b["params"]["fc"]["kernel"])
+
+
+def build(config, workdir=None):
+    ds = data_lib.load_dataset(config.data)
+    teachers = train.prepare_teachers(config, workdir, ds.num_classes)
+    setup = train.build_setup(config, ds, teachers)
+    return ds, teachers, setup
+
+
+@pytest.mark.parametrize("method", config_lib.METHODS)
+def test_one_step_of_every_method(method, teacher_run, data_dir, cache_dir):
+    dirs = teacher_run[1]["teacher_dirs"]
+    overrides = {"distill.method": method, "teachers.checkpoints": tuple(dirs[:1] if method in ("kd", "dkd") else dirs)}
+    if method == "fitnet_mkd":
+        overrides["distill.hint_layer"] = 1
+    config = tiny_config(data_dir, cache_dir, **overrides)
+    config_lib.validate(config)
+    ds, teachers, setup = build(config)
+    state = jax.jit(lambda: train.init_state(setup, jax.random.PRNGKey(0)))()
+    teacher_vars = None if teachers is None else jax.device_put(teachers.variables)
+    teacher_copy = jax.device_get(teacher_vars)
+    step_fn = jax.jit(train.make_train_step(setup), donate_argnums=(0,))
+    perm = train.epoch_permutation_fn(config, ds.train_images.shape[0])
+    images, labels = jax.device_put(ds.train_images), jax.device_put(ds.train_labels)
+    for epoch in (1, 2):  # two epochs' permutations: still one compilation
+        state, metrics = step_fn(state, teacher_vars, images, labels, perm(epoch))
+    metrics = jax.device_get(metrics)
+    chex.assert_tree_all_finite(metrics)
+    assert int(state.step) == 2 and metrics["nonfinite"] == 0
+    expected_terms = {"ce": {"ce"}, "fitnet_mkd": {"ce", "hint"}}.get(method, {"ce", "logit"})
+    if method in ("demkd", "camkd"):
+        expected_terms = expected_terms | {"feature"}
+    assert expected_terms <= set(metrics), sorted(metrics)
+    if teachers is not None:
+        chex.assert_shape(metrics["teacher_weight"], (setup.num_teachers,))
+        # Teachers are an input, never updated: variables (BN statistics included) are bit-identical.
+        chex.assert_trees_all_equal(jax.device_get(teacher_vars), teacher_copy)
+    assert step_fn._cache_size() == 1, "the step recompiled"
+
+
+@pytest.fixture(scope="module")
+def demkd_setup(teacher_run, data_dir, cache_dir):
+    config = tiny_config(data_dir, cache_dir, **{"teachers.checkpoints": tuple(teacher_run[1]["teacher_dirs"])})
+    ds, teachers, setup = build(config)
+    step_fn = jax.jit(train.make_train_step(setup))
+    return config, ds, teachers, setup, step_fn
+
+
+def test_loss_is_ce_plus_warmed_logit_plus_feature_from_epoch_2(demkd_setup):
+    config, ds, teachers, setup, step_fn = demkd_setup
+    state = jax.jit(lambda: train.init_state(setup, jax.random.PRNGKey(0)))()
+    perm = train.epoch_permutation_fn(config, ds.train_images.shape[0])
+    args = (jax.device_put(teachers.variables), jax.device_put(ds.train_images), jax.device_put(ds.train_labels))
+    _, m1 = step_fn(state, *args, perm(1))
+    m1 = jax.device_get(m1)
+    np.testing.assert_allclose(m1["loss"], m1["ce"] + m1["logit"] / 20, rtol=1e-5)  # warm-up 1/20, no features
+    state2 = state.replace(step=jnp.int32(setup.steps_per_epoch))  # first step of epoch 2
+    _, m2 = step_fn(state2, *args, perm(2))
+    m2 = jax.device_get(m2)
+    np.testing.assert_allclose(m2["loss"], m2["ce"] + m2["logit"] * 2 / 20 + 50.0 * m2["feature"], rtol=1e-5)
+    np.testing.assert_allclose(m2["teacher_weight"].sum(), 1.0, rtol=1e-5)  # camkd-form entropy weights
+
+
+def test_eval_counts_every_example_once(demkd_setup):
+    config, ds, teachers, setup, _ = demkd_setup
+    model, n = setup.teacher, ds.test_images.shape[0]
+    assert n % config.eval_batch_size != 0
+    eval_fn = jax.jit(train.make_eval_fn(model, "loop", n, config.eval_batch_size, ds.mean, ds.std, jnp.float32))
+    correct, ens = jax.device_get(eval_fn(teachers.variables, ds.test_images, ds.test_labels))
+    # Independent count: every example through every teacher, no batching.
+    x = data_lib.normalize(ds.test_images, ds.mean, ds.std)
+    logits = np.stack([np.asarray(model.apply(jax.tree_util.tree_map(lambda a: a[k], teachers.variables), x,
+                                              train=False)[0]) for k in range(setup.num_teachers)])
+    np.testing.assert_array_equal(correct, (logits.argmax(-1) == ds.test_labels[None]).sum(1))
+    probs = jax.nn.softmax(logits, -1).mean(0)
+    assert int(ens) == int((np.asarray(probs).argmax(-1) == ds.test_labels).sum())
+
+
+def test_sgd_is_pytorch_sgd_with_coupled_weight_decay_and_step_schedule():
+    config = config_lib.base_config()
+    config.num_epochs = 4
+    config.optim.update(learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, lr_decay_epochs=(2, 3))
+    spe = 3
+    tx = train.make_optimizer(config, spe)
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=5)
+    grads = rng.normal(size=(4 * spe, 5))
+    params, opt_state = jnp.asarray(p), tx.init(jnp.asarray(p))
+    ref, buf = p.copy(), np.zeros(5)
+    for t, g in enumerate(grads):
+        updates, opt_state = tx.update(jnp.asarray(g), opt_state, params)
+        params = params + updates
+        # torch.optim.SGD(nesterov=True, weight_decay=wd), lr x0.1 at epochs 2 and 3
+        lr = 0.1 * 0.1 ** sum(t >= e * spe for e in (2, 3))
+        d = g + 5e-4 * ref
+        buf = 0.9 * buf + d
+        ref = ref - lr * (d + 0.9 * buf)
+        assert train.learning_rate(config, spe, t) == pytest.approx(lr)
+    np.testing.assert_allclose(params, ref, rtol=1e-5, atol=1e-6)
+
+
+def _restore_latest(workdir, abstract):
+    ckpt = ckpt_lib.TrainCheckpointer(pathlib.Path(workdir) / "checkpoints")
+    step = ckpt.latest_step()
+    state = ckpt.restore(step, abstract)
+    ckpt.close()
+    return step, jax.device_get(state)
+
+
+def test_resume_continues_exactly(teacher_run, data_dir, cache_dir, tmp_path, demkd_setup):
+    dirs = tuple(teacher_run[1]["teacher_dirs"])
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    config = tiny_config(data_dir, cache_dir, **{"teachers.checkpoints": dirs})
+    summary = train.train_and_evaluate(config, str(straight))
+    train.train_and_evaluate(tiny_config(data_dir, cache_dir, **{"teachers.checkpoints": dirs, "num_epochs": 1}),
+                             str(resumed))
+    summary_resumed = train.train_and_evaluate(config, str(resumed))  # picks up at the end of epoch 1
+    setup = demkd_setup[3]
+    abstract = jax.eval_shape(lambda: train.init_state(setup, jax.random.PRNGKey(0)))
+    step_a, state_a = _restore_latest(straight, abstract)
+    step_b, state_b = _restore_latest(resumed, abstract)
+    assert step_a == step_b == 2 * setup.steps_per_epoch
+    chex.assert_trees_all_equal(state_a, state_b)
+    assert summary["final_test_acc"] == summary_resumed["final_test_acc"]
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2, "metrics.jsonl holds each epoch once after a resume"
+
+
+def test_config_errors_name_the_problem(data_dir, cache_dir, teacher_run):
+    dirs = tuple(teacher_run[1]["teacher_dirs"])
+    with pytest.raises(config_lib.ConfigError, match="method 'kd' distils from exactly 1 teacher, got 2"):
+        config_lib.validate(tiny_config(data_dir, cache_dir, **{"distill.method": "kd", "teachers.checkpoints": dirs}))
+    with pytest.raises(config_lib.ConfigError, match="K must be >= 2"):
+        config_lib.validate(tiny_config(data_dir, cache_dir, **{"teachers.checkpoints": dirs[:1]}))
+    with pytest.raises(config_lib.ConfigError, match="unknown method 'dkdd'"):
+        config_lib.validate(tiny_config(data_dir, cache_dir, **{"distill.method": "dkdd"}))
+
+
+def test_cli_runs_the_demo_pipeline(tmp_path):
+    """README's first command, at a tiny size: teachers then a DE-MKD student, through the CLI."""
+    cmd = [sys.executable, "-m", "demkd_jax.main", "--config", str(REPO / "configs" / "demo.py"),
+           "--workdir", str(tmp_path / "demo"), "--config.num_epochs=1", "--config.teachers.num_epochs=1",
+           "--config.teachers.num=2", "--config.teachers.model=resnet8", "--config.progress_bar=False",
+           f"--config.data.cache_dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "summary:" in out.stdout and (tmp_path / "demo" / "summary.json").is_file()
+    assert (tmp_path / "demo" / "teachers" / "teacher_1" / "teacher.json").is_file()
+    bad = subprocess.run(cmd[:-1] + ["--config.distill.method=nope"], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr
