@@ -579,7 +579,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         sums: dict[str, Any] = {}
         perm = permutation(epoch)
         while step < epoch_end:
-            state, metrics = train_step(state, teacher_vars, train_images, train_labels, perm)
+            # Everything the step needs is on the device: an implicit host<->device transfer here is a bug.
+            with jax.transfer_guard("disallow"):
+                state, metrics = train_step(state, teacher_vars, train_images, train_labels, perm)
             pending.append(metrics)
             step += 1
             images_seen += config.batch_size
