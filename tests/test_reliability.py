@@ -368,8 +368,25 @@ def test_bad_input_fails_fast_with_one_line(case, tmp_path, make_config, tiny_da
 BAD_INPUT_MESSAGES: dict[str, str] = {}  # filled by the table test (printed with -s by the last test below)
 
 
+def test_unwritable_workdir_message_where_chmod_does_not_apply(make_config, tmp_path, monkeypatch):
+    """The table's chmod case skips as root; the check itself (os.access) is the same for everyone."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(config_lib.os, "access", lambda path, mode: not str(path).startswith(str(locked)))
+    with pytest.raises(config_lib.ConfigError) as err:
+        config_lib.validate(make_config(), workdir=str(locked / "run"))
+    assert str(err.value) == f"workdir {str(locked / 'run')!r} is not writable ({str(locked)!r} denies write access)"
+
+
 def test_bad_input_table_has_at_least_15_cases():
     assert len(BAD_INPUTS) >= 15 and len({c.id for c in BAD_INPUTS}) == len(BAD_INPUTS)
+
+
+def test_compile_counter_sees_compiles():
+    """The table's "nothing compiled" assertion relies on this listener."""
+    with count_compiles() as compiles:
+        jax.jit(lambda x: x * 3 + 1)(jnp.arange(7.0)).block_until_ready()
+    assert compiles
 
 
 # ----------------------------------------------------------------------------------------------------------
