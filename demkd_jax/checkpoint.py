@@ -7,7 +7,12 @@ Teacher checkpoints: one directory per teacher::
 
 written by the teacher trainer and by ``python -m demkd_jax.convert`` alike, and restored by
 :func:`load_teacher`, which checks the architecture, class count and every parameter shape against the
-model the distillation config asks for, naming any mismatch.
+model the distillation config asks for, naming any mismatch; :func:`check_teacher_dirs` checks the same from
+``teacher.json`` alone, before anything is loaded or compiled.
+
+Training checkpoints (:class:`TrainCheckpointer`): ``<workdir>/checkpoints/<step>/`` written by an Orbax
+CheckpointManager (the last N plus the best by test accuracy), each with a checksum of the whole state; a
+restart resumes from the newest one that reads back exactly and sets corrupted ones aside.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import tempfile
+import time
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -50,9 +58,17 @@ def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
         raise
 
 
+def _key_name(k: Any) -> str:
+    """One key of a tree path, the same for a dict key, a dataclass field and a sequence index."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
 def _tree_paths(tree: Any) -> dict[str, Any]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in flat}
 
 
 def compare_trees(expected: Any, actual: Any, what: str) -> None:
@@ -94,6 +110,8 @@ def save_teacher(
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     compare_trees(abstract, variables, f"teacher variables for {model_name} ({num_classes} classes)")
     directory.mkdir(parents=True, exist_ok=True)
+    # teacher.json marks a complete teacher: drop an old one before its variables are rewritten.
+    (directory / TEACHER_META).unlink(missing_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / TEACHER_VARIABLES, jax.device_get(variables), force=True)
         ckptr.wait_until_finished()
@@ -166,27 +184,172 @@ def load_teacher(
     return jax.tree_util.tree_map(np.asarray, restored), meta
 
 
-class TrainCheckpointer:
-    """Student training state in ``<workdir>/checkpoints``: keep the last ``keep_last`` plus the best.
+def check_teacher_dirs(
+    dirs: list[str | os.PathLike] | tuple[str | os.PathLike, ...],
+    *,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+) -> list[dict[str, Any]]:
+    """Checks teacher checkpoints from their ``teacher.json`` alone (no arrays read, nothing compiled).
 
-    Saves are synchronous (the state is on the host once written), so a run that is killed never leaves a
-    checkpoint that looks complete but is not; Orbax writes into a temporary directory and renames it.
+    Raises :class:`CheckpointError` for a missing or unreadable directory, another architecture than
+    ``model_name``, another class count than ``num_classes``, or teachers of mixed architectures (they are
+    stacked on one axis). Returns the metadata of each directory.
+    """
+    metas = [read_teacher_meta(d) for d in dirs]
+    for d, meta in zip(dirs, metas):
+        where = f"teacher checkpoint {str(d)!r}"
+        if meta.get("model") not in models.MODEL_NAMES:
+            raise CheckpointError(f"{where} names an unknown model {meta.get('model')!r} in {TEACHER_META}; expected "
+                                  f"one of {', '.join(models.MODEL_NAMES)}")
+        if model_name is not None and meta["model"] != model_name:
+            raise CheckpointError(f"{where} holds a {meta['model']!r}, but the config expects {model_name!r} "
+                                  "(config.teachers.model)")
+        if not isinstance(meta.get("num_classes"), int) or meta["num_classes"] < 1:
+            raise CheckpointError(f"{where} has an invalid class count {meta.get('num_classes')!r} in {TEACHER_META}")
+        if num_classes is not None and meta["num_classes"] != num_classes:
+            raise CheckpointError(f"{where} has {meta['num_classes']} classes, but the data has {num_classes}")
+        if not (pathlib.Path(d) / TEACHER_VARIABLES / "_METADATA").is_file():
+            raise CheckpointError(f"{where} is incomplete: {TEACHER_META} is there but its {TEACHER_VARIABLES}/ "
+                                  "(the Orbax arrays) is missing or partial; convert or train it again")
+    archs = {(m["model"], float(m.get("width", 1.0))) for m in metas}
+    if len(archs) > 1:
+        found = ", ".join(f"{os.path.basename(os.path.normpath(str(d)))!r}: {m['model']} (width {m.get('width', 1.0)})"
+                          for d, m in zip(dirs, metas))
+        raise CheckpointError(f"mixed teacher architectures ({found}); the teachers are stacked on one axis and must "
+                              "share one architecture")
+    return metas
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training checkpoints
+
+
+def _leaf_words(x: jax.Array) -> jax.Array:
+    """The bits of an array as a flat uint32 vector (every dtype; 64-bit values give two words)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).reshape(-1)
+    size = jnp.dtype(x.dtype).itemsize
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _checksum_and_finite(tree: Any) -> tuple[jax.Array, jax.Array]:
+    total = jnp.zeros((), jnp.uint32)
+    finite = jnp.ones((), jnp.bool_)
+    for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
+        words = _leaf_words(leaf)
+        # Odd position weights: changing any single word changes the sum (mod 2^32) for certain; the leaf index
+        # in the weight catches swapped leaves. Integer sums are exact, so the value does not depend on the
+        # reduction order, the device or the sharding.
+        weights = (jnp.arange(words.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761)
+                   + jnp.uint32(2 * i + 1)) | jnp.uint32(1)
+        total = total + jnp.sum(words * weights, dtype=jnp.uint32)
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            finite = finite & jnp.all(jnp.isfinite(leaf))
+    return total, finite
+
+
+def tree_checksum(tree: Any) -> tuple[int, bool]:
+    """``(checksum, all_finite)`` of a pytree of arrays: a uint32 over every bit of every leaf, and whether all
+    floating-point values are finite. Computed on the device (works on sharded arrays)."""
+    total, finite = jax.device_get(_checksum_and_finite(tree))
+    return int(total), bool(finite)
+
+
+class _CorruptCheckpoint(Exception):
+    """A training checkpoint that cannot be read back exactly (the message says what is wrong)."""
+
+
+def _one_line(e: BaseException) -> str:
+    """The innermost cause of an Orbax/tensorstore error (the informative one), on one short line."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = " ".join(str(e).split())
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# Test-only hook: seconds to sleep inside every training-checkpoint save, after the arrays are written into
+# Orbax's temporary directory and before it is renamed into place, so that a test can kill the process in the
+# middle of a save. Unset (the default), saves are plain Orbax saves.
+SAVE_SLEEP_ENV = "DEMKD_TEST_SAVE_SLEEP_S"
+
+
+def _slow_finalize_path_class():
+    import asyncio
+
+    from orbax.checkpoint._src.path import atomicity
+
+    delay = float(os.environ[SAVE_SLEEP_ENV])
+
+    class SlowFinalizeTemporaryPath(atomicity.AtomicRenameTemporaryPath):
+        async def finalize(self, *args, **kwargs):
+            await asyncio.sleep(delay)
+            return await super().finalize(*args, **kwargs)
+
+    return SlowFinalizeTemporaryPath
+
+
+class TrainCheckpointer:
+    """Student training state in ``<workdir>/checkpoints/<step>/``: keeps the last ``keep_last`` plus the best.
+
+    - Saves are synchronous; Orbax writes each into a temporary directory and renames it into place, so a
+      killed run never leaves a step directory that looks complete but is not (the temporary directory is
+      removed at the next start). Each save records the test accuracy (for keep-best, also across restarts)
+      and a checksum of every bit of the state.
+    - :meth:`restore_latest` resumes from the newest checkpoint that reads back exactly: arrays restored,
+      shapes as expected, all values finite, checksum equal. A newer checkpoint that fails is reported in one
+      line and moved aside to ``<step>.corrupt-<time>`` (deleted only with ``delete_corrupt``); the good one it
+      falls back to is never touched. If every checkpoint is bad it refuses to start over (unless
+      ``restart_if_all_corrupt``).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2, keep_best: bool = True):
-        from orbax.checkpoint import checkpoint_managers as policies
-
+    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2, keep_best: bool = True,
+                 delete_corrupt: bool = False, restart_if_all_corrupt: bool = False, log=print):
         self.directory = pathlib.Path(directory).absolute()
-        keep = [policies.LatestN(n=keep_last)]
-        if keep_best:
-            keep.append(policies.BestN(get_metric_fn=lambda m: m["test_acc"], reverse=False, n=1,
-                                       keep_checkpoints_without_metrics=False))
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=policies.AnyPreservationPolicy(keep),
-            enable_async_checkpointing=False,
-            create=True,
-        )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.keep_last = int(keep_last)
+        self.keep_best = bool(keep_best)
+        self.delete_corrupt = bool(delete_corrupt)
+        self.restart_if_all_corrupt = bool(restart_if_all_corrupt)
+        self.log = log
+        self._manager = None  # created after restore_latest's scan: Orbax reads every step's metrics on creation
+
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        if self._manager is None:
+            from orbax.checkpoint import checkpoint_managers as policies
+
+            keep = [policies.LatestN(n=self.keep_last)]
+            if self.keep_best:
+                keep.append(policies.BestN(get_metric_fn=_test_acc, reverse=False, n=1,
+                                           keep_checkpoints_without_metrics=False))
+            extra = {}
+            if os.environ.get(SAVE_SLEEP_ENV):
+                extra["temporary_path_class"] = _slow_finalize_path_class()
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=policies.AnyPreservationPolicy(keep),
+                # Without best_fn Orbax does not write the metrics, and after a restart BestN would see no test
+                # accuracy and delete the best checkpoint. best_fn only turns the writing on here.
+                best_fn=_test_acc,
+                best_mode="max",
+                enable_async_checkpointing=False,
+                cleanup_tmp_directories=True,  # what a killed save left behind
+                create=True,
+                **extra,
+            )
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        return self._manager
+
+    # --- what is on disk
+
+    def step_dirs(self) -> list[int]:
+        """Steps with a directory ``<step>/`` (complete or not; Orbax's temporary directories excluded), sorted."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -194,13 +357,137 @@ class TrainCheckpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    # --- save
+
     def save(self, step: int, state: Any, *, test_acc: float) -> None:
-        self.manager.save(step, args=ocp.args.StandardSave(state), metrics={"test_acc": float(test_acc)},
-                          force=True)
+        checksum, finite = tree_checksum(state)
+        if not finite:  # the train step never lets a non-finite value into the state; refuse to persist one
+            raise CheckpointError(f"refusing to save step {step}: the state holds non-finite values")
+        self.manager.save(step, args=ocp.args.StandardSave(state),
+                          metrics={"test_acc": float(test_acc), "checksum": checksum}, force=True)
         self.manager.wait_until_finished()
 
+    # --- restore
+
     def restore(self, step: int, abstract_state: Any) -> Any:
-        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        """Restores ``step`` and verifies it; raises :class:`CheckpointError` if it does not read back exactly."""
+        try:
+            return self._restore_verified(step, abstract_state)
+        except _CorruptCheckpoint as e:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupted: {e}") from None
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any] | None:
+        """``(step, state)`` of the newest checkpoint that reads back exactly, or None for a fresh start.
+
+        Corrupted newer checkpoints are reported (one line each) and moved aside. Raises
+        :class:`CheckpointError` if no checkpoint is good (unless ``restart_if_all_corrupt``), or if a checkpoint
+        was written for another configuration (other shapes or tree).
+        """
+        bad: list[tuple[int, str]] = []
+        found = None
+        for step in reversed(self.step_dirs()):
+            try:
+                found = (step, self._restore_verified(step, abstract_state))
+                break
+            except _CorruptCheckpoint as e:
+                bad.append((step, str(e)))
+        if bad and found is None:
+            what = "; ".join(f"step {s}: {r}" for s, r in bad)
+            if not self.restart_if_all_corrupt:
+                raise CheckpointError(
+                    f"no readable checkpoint in {self.directory} ({what}); refusing to start over silently: move "
+                    "that directory away to start from scratch, or set config.checkpoint.restart_if_all_corrupt=True")
+            for s, _ in bad:
+                self._set_aside(s)
+            self.log(f"every checkpoint in {self.directory} is corrupted ({what}); "
+                     f"{'deleted' if self.delete_corrupt else 'moved aside'} and starting from scratch "
+                     "(config.checkpoint.restart_if_all_corrupt)")
+            return None
+        for s, reason in bad:
+            moved = self._set_aside(s)
+            self.log(f"checkpoint step {s} in {self.directory} is corrupted ({reason}); "
+                     f"{'deleted it' if moved is None else f'moved it aside to {moved.name}'}, "
+                     f"resuming from step {found[0]}")
+        if found is not None:
+            # Older checkpoints are only read fully if they are ever needed, but their metrics must parse, or
+            # Orbax cannot open the directory.
+            for s in self.step_dirs():
+                if s < found[0]:
+                    try:
+                        self._read_metrics(s)
+                    except _CorruptCheckpoint as e:
+                        moved = self._set_aside(s)
+                        self.log(f"older checkpoint step {s} in {self.directory} is corrupted ({e}); "
+                                 f"{'deleted it' if moved is None else f'moved it aside to {moved.name}'}")
+        return found
+
+    def _read_metrics(self, step: int) -> dict | None:
+        """The metrics written with ``step`` (test accuracy, checksum), None if it has none (older format)."""
+        path = self.directory / str(step) / "metrics" / "metrics"
+        if not path.exists():
+            return None
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _CorruptCheckpoint(f"unreadable metrics file ({_one_line(e)})") from None
+        if not isinstance(metrics, dict):
+            raise _CorruptCheckpoint("malformed metrics file")
+        return metrics
+
+    def _restore_verified(self, step: int, abstract_state: Any) -> Any:
+        step_dir = self.directory / str(step)
+        item = step_dir / "default"
+        if not item.is_dir():
+            raise _CorruptCheckpoint("its state directory 'default' is missing")
+        metrics = self._read_metrics(step)
+        with ocp.StandardCheckpointer() as ckptr:
+            try:
+                stored = ocp.StandardCheckpointHandler().metadata(item)  # the tree alone, no step metadata
+                stored_tree = getattr(stored, "tree", stored)
+            except Exception as e:  # Orbax: FileNotFoundError, JSONDecodeError, ValueError, ...
+                raise _CorruptCheckpoint(f"unreadable tree metadata ({_one_line(e)})") from None
+            try:
+                compare_trees(abstract_state, stored_tree, f"checkpoint step {step} in {self.directory}")
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}; it was written by a run with another configuration (model, method, "
+                                      "teachers or seeds): use a new --workdir") from None
+            except Exception as e:  # the metadata parsed, but not into a tree: corrupted
+                raise _CorruptCheckpoint(f"malformed tree metadata ({_one_line(e)})") from None
+            try:
+                state = ckptr.restore(item, abstract_state)
+            except Exception as e:  # Orbax/tensorstore read errors
+                raise _CorruptCheckpoint(f"cannot read its arrays ({_one_line(e)})") from None
+        try:
+            compare_trees(abstract_state, state, "restored state")
+        except CheckpointError as e:
+            raise _CorruptCheckpoint(str(e)) from None
+        checksum, finite = tree_checksum(state)
+        expected = None if metrics is None else metrics.get("checksum")
+        if expected is not None and checksum != expected:
+            raise _CorruptCheckpoint(f"checksum mismatch: the arrays read back as {checksum}, saved as {expected}")
+        if not finite:
+            raise _CorruptCheckpoint("it holds non-finite values")
+        return state
+
+    def _set_aside(self, step: int) -> pathlib.Path | None:
+        """Moves ``<step>/`` to ``<step>.corrupt-<time>`` (a name Orbax ignores), or deletes it; never another."""
+        src = self.directory / str(step)
+        if self.delete_corrupt:
+            shutil.rmtree(src)
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        dst = self.directory / f"{step}.corrupt-{stamp}"
+        n = 1
+        while dst.exists():
+            n += 1
+            dst = self.directory / f"{step}.corrupt-{stamp}-{n}"
+        os.replace(src, dst)
+        return dst
 
     def close(self) -> None:
-        self.manager.close()
+        if self._manager is not None:
+            self._manager.close()
+
+
+def _test_acc(metrics: Mapping[str, Any]) -> float:
+    return float(metrics["test_acc"])

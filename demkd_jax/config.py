@@ -3,7 +3,9 @@
 Defaults follow SPEC.md section 4 (the CRD/CA-MKD CIFAR-100 recipe). Sentinels: ``distill.warmup_epochs = -1``
 means the method's default (20 for the DKD-based methods ``dkd``/``demkd``, 0 otherwise).
 :func:`validate` checks a config before any data loading or compilation and raises :class:`ConfigError`
-naming the bad value and what was expected.
+naming the bad value and what was expected; with the teachers' ``teacher.json`` files (architecture, class count)
+it reads nothing else. :func:`validate_data` checks what needs the loaded data (batch size against the training
+set, the teachers' class count), still before anything is compiled or written into the workdir.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import jax
 import ml_collections
 
+from demkd_jax import checkpoint as ckpt_lib
 from demkd_jax import data as data_lib
 from demkd_jax import models
 
@@ -85,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_epochs = 1
     c.checkpoint.keep_last = 2
     c.checkpoint.keep_best = True
+    # A corrupted checkpoint is moved aside to <step>.corrupt-<time> (True: deleted); the run resumes from the
+    # newest good one. If none is good the run stops rather than silently starting over, unless this is True.
+    c.checkpoint.delete_corrupt = False
+    c.checkpoint.restart_if_all_corrupt = False
 
     c.log_every_steps = 50
     c.on_nonfinite = "stop"  # "stop": halt before anything non-finite is saved; "skip": drop the step
@@ -139,17 +146,25 @@ def validate(config, *, workdir: str | None = None) -> None:
     if config.teachers.model and config.teachers.model not in models.MODEL_NAMES:
         _fail(f"unknown model name {config.teachers.model!r} (config.teachers.model); expected one of: "
               f"{', '.join(models.MODEL_NAMES)}")
-    for name, value in (("optim.learning_rate", o.learning_rate), ("num_epochs", config.num_epochs),
-                        ("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size),
-                        ("num_seeds", config.num_seeds), ("student.width", config.student.width),
-                        ("log_every_steps", config.log_every_steps),
-                        ("checkpoint.every_epochs", config.checkpoint.every_epochs)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    for name, value in (("optim.learning_rate", o.learning_rate), ("student.width", config.student.width)):
+        if not (_is_number(value) and math.isfinite(value) and value > 0):
             _fail(f"config.{name} must be a positive number, got {value!r}")
-    if config.checkpoint.keep_last < 1:
-        _fail(f"config.checkpoint.keep_last must be >= 1, got {config.checkpoint.keep_last}")
-    if o.weight_decay < 0 or not 0 <= o.momentum < 1:
-        _fail(f"config.optim needs weight_decay >= 0 and 0 <= momentum < 1, got {o.weight_decay}, {o.momentum}")
+    for name, value in (("num_epochs", config.num_epochs), ("batch_size", config.batch_size),
+                        ("eval_batch_size", config.eval_batch_size), ("num_seeds", config.num_seeds),
+                        ("log_every_steps", config.log_every_steps),
+                        ("checkpoint.every_epochs", config.checkpoint.every_epochs),
+                        ("checkpoint.keep_last", config.checkpoint.keep_last)):
+        if not (_is_int(value) and value > 0):
+            _fail(f"config.{name} must be a positive integer, got {value!r}")
+    if not (_is_number(o.weight_decay) and math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        _fail(f"config.optim.weight_decay must be >= 0, got {o.weight_decay!r}")
+    if not (_is_number(o.momentum) and 0 <= o.momentum < 1):
+        _fail(f"config.optim.momentum must be in [0, 1), got {o.momentum!r}")
+    if not (_is_number(o.lr_decay_rate) and math.isfinite(o.lr_decay_rate) and o.lr_decay_rate > 0):
+        _fail(f"config.optim.lr_decay_rate must be a positive number, got {o.lr_decay_rate!r}")
+    bad_epochs = [e for e in o.lr_decay_epochs if not _is_int(e)]
+    if bad_epochs:
+        _fail(f"config.optim.lr_decay_epochs must be integer epochs, got {tuple(o.lr_decay_epochs)!r}")
     for name in ("temperature", "weight_temperature", "weight_tau"):
         if not d[name] > 0:
             _fail(f"config.distill.{name} must be > 0, got {d[name]!r}")
@@ -180,19 +195,57 @@ def validate(config, *, workdir: str | None = None) -> None:
         for path in ckpts:
             if not os.path.isdir(path):
                 _fail(f"teacher checkpoint directory {path!r} does not exist (config.teachers.checkpoints)")
-    if d.method == "fitnet_mkd":
-        if not isinstance(d.hint_layer, int):
-            _fail(f"config.distill.hint_layer must be an integer feature index, got {d.hint_layer!r}")
+        # Architecture, class count and agreement of the teachers, from their teacher.json files alone.
+        metas = ckpt_lib.check_teacher_dirs(ckpts, model_name=config.teachers.model or None)
+        teacher_model = metas[0]["model"] if metas else config.teachers.model
+        teacher_width = float(metas[0].get("width", 1.0)) if metas else float(config.teachers.width)
+        if d.method == "fitnet_mkd":
+            if not _is_int(d.hint_layer):
+                _fail(f"config.distill.hint_layer must be an integer feature index, got {d.hint_layer!r}")
+            for who, name, width in (("student", config.student.model, config.student.width),
+                                     ("teacher", teacher_model, teacher_width)):
+                n_maps = num_feature_maps(name, width)
+                if not (0 <= d.hint_layer < n_maps or -n_maps - 1 <= d.hint_layer <= -2):
+                    _fail(f"config.distill.hint_layer={d.hint_layer} is out of range for the {who} {name!r}: it has "
+                          f"{n_maps} feature maps, expected an index in 0..{n_maps - 1} (or {-n_maps - 1}..-2)")
 
     n_dev = jax.device_count()
     if config.batch_size % n_dev:
         _fail(f"global batch size {config.batch_size} is not divisible by the {n_dev} devices; use a multiple "
               f"of {n_dev}")
     if config.eval_batch_size % n_dev:
-        _fail(f"eval batch size {config.eval_batch_size} is not divisible by the {n_dev} devices")
+        _fail(f"eval batch size {config.eval_batch_size} is not divisible by the {n_dev} devices; use a multiple "
+              f"of {n_dev}")
 
     if workdir is not None:
         _check_writable(workdir)
+
+
+def validate_data(config, ds: data_lib.Dataset) -> None:
+    """The checks that need the loaded dataset; still before any compilation or write into the workdir."""
+    n_train = ds.num_train
+    if config.batch_size > n_train:
+        _fail(f"config.batch_size={config.batch_size} is larger than the training set ({n_train} images of "
+              f"{ds.name}); expected at most {n_train}")
+    if config.distill.method != "ce" and config.teachers.checkpoints:
+        ckpt_lib.check_teacher_dirs(tuple(config.teachers.checkpoints), num_classes=ds.num_classes)
+
+
+def num_feature_maps(model_name: str, width: float = 1.0) -> int:
+    """How many feature maps ``model_name`` returns before its pooled vector (traced, not compiled)."""
+    model = models.create_model(model_name, 10, width=width)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jax.numpy.float32)
+    feats = jax.eval_shape(
+        lambda x: model.apply(model.init(jax.random.PRNGKey(0), x, train=False), x, train=False)[1], x)
+    return len(feats) - 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_writable(workdir: str) -> None:

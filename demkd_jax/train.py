@@ -187,6 +187,11 @@ def logit_weights(setup: Setup, t_logits: jax.Array, labels: jax.Array) -> jax.A
 # The step
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
 def make_train_step(setup: Setup) -> Callable:
     """Returns ``train_step(state, teacher_vars, images, labels, perm) -> (state, metrics)`` (pure, to be jitted).
 
@@ -244,7 +249,8 @@ def make_train_step(setup: Setup) -> Callable:
         updates, new_opt_state = setup.tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # Finite loss and gradients can still overflow in the update (a huge learning rate): check the result too.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((new_params, new_stats, new_opt_state))
         # A non-finite step never reaches the state (config.on_nonfinite decides whether the run stops).
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
         metrics = {
@@ -470,19 +476,31 @@ class NonFiniteError(FloatingPointError):
 
 
 def check_finite(step0: int, metrics: list[dict], policy: str) -> int:
-    """Inspects fetched per-step metrics; raises (policy 'stop') naming the first bad step and term."""
+    """Inspects fetched per-step metrics; raises (policy 'stop') naming the first bad step and loss term.
+
+    ``metrics[i]`` belongs to step ``step0 + i + 1`` (steps counted from 1). Returns how many steps were
+    non-finite (and, in-graph, left the state unchanged).
+    """
     skipped = 0
     for i, m in enumerate(metrics):
         if int(m["nonfinite"]) == 0:
             continue
         skipped += 1
         if policy == "stop":
-            bad = [k for k in ("loss", "ce", "logit", "feature", "hint") if k in m and not np.isfinite(m[k])]
-            what = f"loss term(s) {', '.join(bad)}" if bad else "gradients (the loss was finite)"
+            terms = [k for k in ("ce", "logit", "feature", "hint") if k in m and not np.isfinite(m[k])]
+            if terms:
+                what = f"loss term(s) {', '.join(terms)}"
+            elif not np.isfinite(m["loss"]):
+                what = "total loss"
+            elif not np.isfinite(m["grad_norm"]):
+                what = "gradients (the loss was finite)"
+            else:
+                what = "parameter update (loss and gradients were finite; the update overflowed)"
+            values = ", ".join(f"{k}={float(m[k]):.4g}" for k in ("loss", "ce", "logit", "feature", "hint", "grad_norm")
+                               if k in m)
             raise NonFiniteError(
-                f"non-finite {what} at step {step0 + i + 1}; the run stopped before saving it "
-                f"(values: {', '.join(f'{k}={float(m[k]):.4g}' for k in ('loss', 'ce', 'logit', 'feature', 'hint', 'grad_norm') if k in m)}). "
-                "Lower the learning rate, or set config.on_nonfinite='skip' to drop such steps")
+                f"non-finite {what} at step {step0 + i + 1}; the run stopped before saving it, the last checkpoint "
+                f"is intact ({values}). Lower the learning rate, or set config.on_nonfinite='skip' to drop such steps")
     return skipped
 
 
@@ -503,19 +521,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Returns the summary that is also written to ``<workdir>/summary.json``.
     """
+    # Every check that can fail on a bad input runs before anything is compiled or written into the workdir.
     config_lib.validate(config, workdir=workdir)
     t_start = time.time()
     workdir = pathlib.Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     method = config.distill.method
     replicas = config_lib.num_replicas(config)
     dtype = compute_dtype(config)
 
     ds = data_lib.load_dataset(config.data)
+    config_lib.validate_data(config, ds)
+    workdir.mkdir(parents=True, exist_ok=True)
     n_train = ds.train_images.shape[0]
-    if config.batch_size > n_train:
-        raise config_lib.ConfigError(
-            f"batch size {config.batch_size} is larger than the training set ({n_train} images)")
     spe = n_train // config.batch_size
     total_steps = spe * config.num_epochs
     log = print
@@ -543,15 +560,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"ensemble {teacher_summary['ensemble_test_acc']}")
 
     # --- state: fresh or resumed
-    checkpointer = ckpt_lib.TrainCheckpointer(workdir / "checkpoints", keep_last=config.checkpoint.keep_last,
-                                              keep_best=config.checkpoint.keep_best)
+    checkpointer = ckpt_lib.TrainCheckpointer(
+        workdir / "checkpoints", keep_last=config.checkpoint.keep_last, keep_best=config.checkpoint.keep_best,
+        delete_corrupt=config.checkpoint.delete_corrupt,
+        restart_if_all_corrupt=config.checkpoint.restart_if_all_corrupt, log=log)
     metrics_log = MetricsLog(workdir)
     rng = jax.random.PRNGKey(config.seed)
     abstract_state = jax.eval_shape(lambda: init_state(setup, rng))
-    latest = checkpointer.latest_step()
+    # The newest checkpoint that reads back exactly (newer corrupted ones are reported and set aside).
+    resumed = checkpointer.restore_latest(abstract_state)
     history: list[dict] = []
-    if latest is not None:
-        state = checkpointer.restore(latest, abstract_state)
+    if resumed is not None:
+        latest, state = resumed
         history = [r for r in metrics_log.truncate_after(latest) if "test_acc" in r]
         log(f"resumed from {checkpointer.directory} at step {latest} (epoch {latest // spe})")
     else:
@@ -577,6 +597,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t_epoch, images_seen = time.time(), 0
         pending: list[dict] = []
         sums: dict[str, Any] = {}
+        kept = 0  # steps in the averages: a non-finite step (on_nonfinite='skip') is only counted
         perm = permutation(epoch)
         while step < epoch_end:
             # Everything the step needs is on the device: an implicit host<->device transfer here is a bug.
@@ -591,11 +612,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 fetched = jax.device_get(pending)  # the only host sync inside an epoch
                 skipped += check_finite(step - len(fetched), fetched, config.on_nonfinite)
                 for m in fetched:
+                    if int(m["nonfinite"]):
+                        sums["nonfinite"] = sums.get("nonfinite", 0.0) + np.asarray(m["nonfinite"], np.float64)
+                        continue
+                    kept += 1
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
-                n_seen = step - (epoch - 1) * spe
-                if bar is not None:
-                    bar.set_postfix(loss=f"{sums['loss'] / n_seen:.3f}", acc=f"{sums['accuracy'] / n_seen:.1f}",
+                if bar is not None and kept:
+                    bar.set_postfix(loss=f"{sums['loss'] / kept:.3f}", acc=f"{sums['accuracy'] / kept:.1f}",
                                     img_s=f"{images_seen / (time.time() - t_epoch):.0f}")
                 pending = []
         if bar is not None:
@@ -608,7 +632,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         best = max(best, acc)
         record = {
             "epoch": epoch, "step": step, "lr": learning_rate(config, spe, step - 1),
-            **{f"train_{k}": _to_python(v / spe) for k, v in sums.items() if k != "nonfinite"},
+            **{f"train_{k}": _to_python(v / kept) for k, v in sums.items() if k != "nonfinite"},
             "skipped_steps": int(sums.get("nonfinite", 0)),
             "test_acc": acc, "test_acc_per_replica": epoch_acc, "best_test_acc": best,
             "epoch_time_s": round(epoch_time, 2), "img_per_s": round(images_seen / epoch_time, 1),
@@ -617,8 +641,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             record["ensemble_test_acc"] = round(100.0 * float(ens) / n_test, 2)
         metrics_log.write(record)
         history.append(record)
-        log(f"epoch {epoch}/{config.num_epochs}: loss {record['train_loss']:.4f} train {record['train_accuracy']:.2f}% "
-            f"test {acc:.2f}% (best {best:.2f}%) {record['img_per_s']:.0f} img/s")
+        log(f"epoch {epoch}/{config.num_epochs}: loss {record.get('train_loss', math.nan):.4f} "
+            f"train {record.get('train_accuracy', math.nan):.2f}% "
+            f"test {acc:.2f}% (best {best:.2f}%) {record['img_per_s']:.0f} img/s"
+            + (f"; skipped {record['skipped_steps']} non-finite steps" if record["skipped_steps"] else ""))
         if epoch % config.checkpoint.every_epochs == 0 or step == total_steps:
             checkpointer.save(step, state, test_acc=acc)
     checkpointer.close()
@@ -635,7 +661,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "best_test_acc_mean": float(np.mean(per_replica_best)) if history else None,
         "best_test_acc_std": float(np.std(per_replica_best)) if history else None,
         "img_per_s": float(np.median([r["img_per_s"] for r in history])) if history else None,
-        "wall_time_s": round(time.time() - t_start, 1), "skipped_steps": skipped,
+        "wall_time_s": round(time.time() - t_start, 1),
+        "skipped_steps": int(sum(r.get("skipped_steps", 0) for r in history)),  # resumed epochs included
         "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
         "jax_version": jax.__version__,
     }
