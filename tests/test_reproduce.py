@@ -3,13 +3,13 @@
 import json
 
 from demkd_jax import reproduce
-from tests.test_train import NUM_CLASSES, data_dir  # noqa: F401  (the tiny npz dataset fixture)
+from tests.conftest import TINY_CLASSES as NUM_CLASSES
 
 
-def test_reproduce_tiny(data_dir, tmp_path, capsys):  # noqa: F811
+def test_reproduce_tiny(tiny_data, tmp_path, capsys):
     argv = ["--pair", "resnet14-resnet8", "--workdir", str(tmp_path / "repro"), "--epochs", "1", "--width", "0.25",
             "--teachers", "2", "--seeds", "2", "--batch-size", "16", "--methods", "CE,AVER,DE-MKD",
-            "--data-source", "npz", "--data-path", str(data_dir), "--data-name", "tiny",
+            "--data-source", "npz", "--data-path", str(tiny_data), "--data-name", "tiny",
             "--num-classes", str(NUM_CLASSES), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     assert reproduce.main(argv) == 0
     results = json.loads((tmp_path / "repro" / "results.json").read_text())

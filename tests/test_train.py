@@ -15,57 +15,28 @@ from demkd_jax import checkpoint as ckpt_lib
 from demkd_jax import config as config_lib
 from demkd_jax import data as data_lib
 from demkd_jax import models, train
+from tests.conftest import TINY_CLASSES as NUM_CLASSES
+from tests.conftest import TINY_OVERRIDES, apply_overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-NUM_CLASSES = 10
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A tiny npz dataset: 96 train / 37 test 32x32 images, class-coloured so that it is learnable."""
-    root = tmp_path_factory.mktemp("tiny_data")
-    rng = np.random.default_rng(0)
-    palette = rng.integers(0, 256, (NUM_CLASSES, 3))
-
-    def split(n):
-        labels = np.arange(n) % NUM_CLASSES
-        images = rng.integers(0, 64, (n, 32, 32, 3)) + palette[labels][:, None, None, :] // 2
-        return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
-
-    for name, n in (("train", 96), ("test", 37)):
-        images, labels = split(n)
-        np.savez(root / f"tiny_{name}.npz", image=images, label=labels)
-    return root
 
 
 def tiny_config(data_dir, cache_dir, **overrides):
+    """The shared tiny config (conftest.TINY_OVERRIDES) as a DE-MKD run, with overrides."""
     c = config_lib.base_config()
-    c.data.source = "npz"
-    c.data.path = str(data_dir)
-    c.data.name = "tiny"
-    c.data.num_classes = NUM_CLASSES
-    c.data.cache_dir = str(cache_dir)
-    c.student.model = "resnet8"
-    c.student.width = 0.25
-    c.num_epochs = 2
-    c.batch_size = 16
-    c.eval_batch_size = 8
-    c.optim.learning_rate = 0.05
-    c.progress_bar = False
-    c.log_every_steps = 4
-    c.distill.warmup_epochs = 20
-    for key, value in overrides.items():
-        target = c
-        *path, leaf = key.split(".")
-        for p in path:
-            target = target[p]
-        target[leaf] = value
-    return c
+    apply_overrides(c, {**TINY_OVERRIDES, "distill.method": "demkd", "data.path": str(data_dir),
+                        "data.cache_dir": str(cache_dir)})
+    return apply_overrides(c, overrides)
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def data_dir(tiny_data):
+    return tiny_data
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tiny_cache):
+    return tiny_cache
 
 
 @pytest.fixture(scope="module")
