@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 import os
 
-import jax
 import ml_collections
 
 from demkd_jax import data as data_lib
 from demkd_jax import models
+from demkd_jax import parallel
 
 METHODS = ("ce", "kd", "dkd", "aver", "ebkd", "camkd", "demkd", "fitnet_mkd")
 SINGLE_TEACHER_METHODS = ("kd", "dkd")
@@ -85,6 +85,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_epochs = 1
     c.checkpoint.keep_last = 2
     c.checkpoint.keep_best = True
+
+    # Data parallelism (demkd_jax/parallel.py): the "data" mesh axis and where the on-device dataset lives.
+    c.mesh = parallel.default_mesh_config()
+    # jax.distributed.initialize(): "auto" (when launched as several processes: TPU pod, SLURM, MPI,
+    # JAX_COORDINATOR_ADDRESS), "on" or "off".
+    c.distributed = "auto"
 
     c.log_every_steps = 50
     c.on_nonfinite = "stop"  # "stop": halt before anything non-finite is saved; "skip": drop the step
@@ -184,12 +190,9 @@ def validate(config, *, workdir: str | None = None) -> None:
         if not isinstance(d.hint_layer, int):
             _fail(f"config.distill.hint_layer must be an integer feature index, got {d.hint_layer!r}")
 
-    n_dev = jax.device_count()
-    if config.batch_size % n_dev:
-        _fail(f"global batch size {config.batch_size} is not divisible by the {n_dev} devices; use a multiple "
-              f"of {n_dev}")
-    if config.eval_batch_size % n_dev:
-        _fail(f"eval batch size {config.eval_batch_size} is not divisible by the {n_dev} devices")
+    problem = parallel.config_problem(config)  # config.mesh, config.distributed, batch sizes vs devices
+    if problem:
+        _fail(problem)
 
     if workdir is not None:
         _check_writable(workdir)
