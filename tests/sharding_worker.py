@@ -57,7 +57,11 @@ def sharding_info(tree) -> dict:
 
 
 class Recorder:
-    """Wraps the trainer's jitted step: per-step metrics, argument/result shardings, the jitted function."""
+    """Wraps the trainer's jitted step: per-step metrics, argument/result shardings, the jitted function.
+
+    A run that trains its teachers first builds two steps; ``jitted``, ``args`` and ``abstract`` describe the
+    last one, ``steps`` holds every step of both in order.
+    """
 
     def __init__(self):
         self.steps: list[dict] = []
@@ -68,6 +72,7 @@ class Recorder:
     def __call__(self, setup):
         fn = self.original(setup)
         self.jitted = fn
+        self.args = None
 
         def step(state, teacher_vars, images, labels, perm):
             if self.args is None:
@@ -148,7 +153,13 @@ def local_bn_control(base: dict) -> dict:
 def main(spec_path: str, out_dir: str) -> None:
     spec = json.loads(pathlib.Path(spec_path).read_text())
     out = pathlib.Path(out_dir)
-    report: dict = {"device_count": jax.device_count(), "runs": {}}
+    parallel.initialize_distributed("auto")  # before the first device query (the trainer would do it later)
+    multiprocess = jax.process_count() > 1
+    if multiprocess:
+        out = out / f"process_{jax.process_index()}"
+        out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"device_count": jax.device_count(), "process_count": jax.process_count(),
+                    "local_device_count": jax.local_device_count(), "runs": {}}
     for run in spec["runs"]:
         overrides = {**spec["config"], **run.get("config", {})}
         config = make_config(overrides)
@@ -173,9 +184,10 @@ def main(spec_path: str, out_dir: str) -> None:
             entry["inspect_seconds"] = round(time.time() - t0, 1)
         np.savez(out / f"{run['name']}.npz", **final_state(run["workdir"], recorder.abstract[0]))
         report["runs"][run["name"]] = entry
-    t0 = time.time()
-    report["local_bn"] = local_bn_control(spec["config"])
-    report["local_bn_seconds"] = round(time.time() - t0, 1)
+    if spec.get("controls", True):
+        t0 = time.time()
+        report["local_bn"] = local_bn_control(spec["config"])
+        report["local_bn_seconds"] = round(time.time() - t0, 1)
     errors = {}
     for name, overrides in spec.get("invalid", {}).items():
         try:
