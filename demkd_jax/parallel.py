@@ -16,7 +16,7 @@ The trainer runs the same ``jax.jit`` step everywhere; only the shardings of its
   1 vs 8 devices, and that per-device statistics would have failed that check).
 - **The on-device dataset** (``config.mesh.dataset``):
 
-  - ``"replicated"`` (default): every device holds the whole split (CIFAR-100: 147 MiB train + 29 MiB
+  - ``"replicated"`` (default): every device holds the whole split (CIFAR-100: 146 MiB train + 29 MiB
     test as uint8, small next to any accelerator's memory). A step gathers its batch with indices that are
     sharded along ``"data"``, so each device gathers only its own rows from its own copy: no
     communication at all for the input pipeline.
