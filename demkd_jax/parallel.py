@@ -73,6 +73,7 @@ __all__ = [
     "put_dataset",
     "with_sharding",
     "is_primary",
+    "primary_only",
     "sync",
     "describe",
 ]
