@@ -32,16 +32,21 @@ def parameters_cell(nb):
     return cells[0]
 
 
-def execute(name: str, parameters: dict, workdir: pathlib.Path):
-    """Runs notebooks/<name> with ``parameters`` overriding its parameters cell; returns (notebook, seconds)."""
+def execute(name: str, parameters: dict, workdir: pathlib.Path, cpu_devices: int = 1):
+    """Runs notebooks/<name> with ``parameters`` overriding its parameters cell; returns (notebook, seconds).
+
+    ``cpu_devices``: how many CPU devices the kernel's JAX sees (XLA's host-platform device count).
+    """
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     cell = parameters_cell(nb)
-    cell.source += "\n# Injected by tests/test_notebooks.py:\n" + "".join(f"{k} = {v!r}\n" for k, v in parameters.items())
+    injected = "".join(f"{k} = {v!r}\n" for k, v in parameters.items())
+    cell.source += "\n# Injected by tests/test_notebooks.py:\n" + injected
     env = {**os.environ,
            # The checkout's demkd_jax even where it is not pip-installed (CI installs it; either works).
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
            "JAX_PLATFORMS": "cpu", "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-           "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+           "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={cpu_devices}"}
     if os.environ.get("DEMKD_TEST_OPTIMIZE", "0") != "1":  # as tests/conftest.py: compile time dominates
         env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
     client = nbclient.NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",
@@ -91,7 +96,8 @@ def test_quickstart_runs_the_demo_and_plots(quickstart):
 
 
 def test_tpu_notebook_runs_the_paper_config_at_a_tiny_size(quickstart, tmp_path):
-    """tpu.ipynb with configs/vgg8.py shrunk to CPU size: digits, resnet8, one epoch, the quickstart's teachers."""
+    """tpu.ipynb with configs/vgg8.py shrunk to CPU size (digits, resnet8, one epoch, the quickstart's teachers)
+    on 8 CPU devices standing in for the 8 cores of a TPU board: the mesh, the layout and a data-parallel run."""
     _, quick_dir, _ = quickstart
     teachers = sorted(str(p) for p in (quick_dir / "run" / "teachers").glob("teacher_*"))
     params = {"WORKDIR": str(tmp_path / "run"), "TEACHER_CHECKPOINTS": teachers,
@@ -99,15 +105,16 @@ def test_tpu_notebook_runs_the_paper_config_at_a_tiny_size(quickstart, tmp_path)
                             "data.cache_dir": str(quick_dir / "cache"), "student.model": "resnet8",
                             "student.width": 0.25, "teachers.model": "resnet8", "num_epochs": 1,
                             "eval_batch_size": 120, "distill.beta": 2.0}}
-    nb, seconds = execute("tpu.ipynb", params, tmp_path)
+    nb, seconds = execute("tpu.ipynb", params, tmp_path, cpu_devices=8)
     print(f"\ntpu.ipynb ran in {seconds:.1f} s")
     text = outputs_text(nb)
-    assert "Mesh(" in text and "'data'" in text
-    assert "rows 0:64 -> shard (64, 32, 32, 3)" in text  # one CPU device holds the whole batch
+    assert "8 device(s), 8 local, process 0 of 1" in text and "Mesh('data': 8" in text
+    assert "device 7: rows 56:64 -> shard (8, 32, 32, 3)" in text  # 64 images over 8 devices
+    assert "(3, 3, 3, 64) P() -> (3, 3, 3, 64) on every device" in text
     assert "student final / best test top-1" in text
     assert images(nb) == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["student"] == "resnet8" and summary["mesh"]["devices"] == 1
+    assert summary["student"] == "resnet8" and summary["mesh"]["devices"] == 8
     assert summary["teachers"]["dirs"] == teachers
 
 
