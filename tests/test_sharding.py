@@ -185,9 +185,12 @@ def test_the_eight_device_run_is_data_parallel(eight_devices):
 
 
 def test_no_recompilation(eight_devices):
+    """One compilation of the step per run (state outputs keep the input shardings), and two of the evaluation
+    (the teachers once, the student once for all its epochs)."""
     report = eight_devices[0]
     for name, run in report["runs"].items():
         assert run["compiles"].get("jit(train_step)") == 1, (name, run["compiles"])
+        assert run["compiles"].get("jit(eval_fn)") == 2, (name, run["compiles"])
         assert run["cache_size"] == 1, name
 
 
