@@ -123,7 +123,8 @@ def save_teacher(
         "num_params": models.count_params(variables["params"]),
         **(dict(metadata) if metadata else {}),
     }
-    write_json_atomic(directory / TEACHER_META, meta)
+    if jax.process_index() == 0:  # multi-host: every process calls Orbax above, one writes the metadata
+        write_json_atomic(directory / TEACHER_META, meta)
     return directory
 
 

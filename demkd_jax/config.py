@@ -19,6 +19,7 @@ import ml_collections
 from demkd_jax import checkpoint as ckpt_lib
 from demkd_jax import data as data_lib
 from demkd_jax import models
+from demkd_jax import parallel
 
 METHODS = ("ce", "kd", "dkd", "aver", "ebkd", "camkd", "demkd", "fitnet_mkd")
 SINGLE_TEACHER_METHODS = ("kd", "dkd")
@@ -92,6 +93,12 @@ def base_config() -> ml_collections.ConfigDict:
     # newest good one. If none is good the run stops rather than silently starting over, unless this is True.
     c.checkpoint.delete_corrupt = False
     c.checkpoint.restart_if_all_corrupt = False
+
+    # Data parallelism (demkd_jax/parallel.py): the "data" mesh axis and where the on-device dataset lives.
+    c.mesh = parallel.default_mesh_config()
+    # jax.distributed.initialize(): "auto" (when launched as several processes: TPU pod, SLURM, MPI,
+    # JAX_COORDINATOR_ADDRESS), "on" or "off".
+    c.distributed = "auto"
 
     c.log_every_steps = 50
     c.on_nonfinite = "stop"  # "stop": halt before anything non-finite is saved; "skip": drop the step
@@ -209,13 +216,9 @@ def validate(config, *, workdir: str | None = None) -> None:
                     _fail(f"config.distill.hint_layer={d.hint_layer} is out of range for the {who} {name!r}: it has "
                           f"{n_maps} feature maps, expected an index in 0..{n_maps - 1} (or {-n_maps - 1}..-2)")
 
-    n_dev = jax.device_count()
-    if config.batch_size % n_dev:
-        _fail(f"global batch size {config.batch_size} is not divisible by the {n_dev} devices; use a multiple "
-              f"of {n_dev}")
-    if config.eval_batch_size % n_dev:
-        _fail(f"eval batch size {config.eval_batch_size} is not divisible by the {n_dev} devices; use a multiple "
-              f"of {n_dev}")
+    problem = parallel.config_problem(config)  # config.mesh, config.distributed, batch sizes vs devices
+    if problem:
+        _fail(problem)
 
     if workdir is not None:
         _check_writable(workdir)

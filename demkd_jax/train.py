@@ -32,6 +32,7 @@ from demkd_jax import config as config_lib
 from demkd_jax import data as data_lib
 from demkd_jax import losses
 from demkd_jax import models
+from demkd_jax import parallel
 
 Params = Any
 
@@ -64,6 +65,17 @@ class Setup:
     num_train: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    mesh: jax.sharding.Mesh | None = None  # the "data" axis (demkd_jax.parallel); None: no constraints
+
+    @property
+    def replicated(self) -> jax.sharding.Sharding | None:
+        """State, teachers, permutation, metrics: a copy on every device of the mesh."""
+        return None if self.mesh is None else parallel.replicated(self.mesh)
+
+    @property
+    def dataset_sharding(self) -> jax.sharding.Sharding | None:
+        """The on-device splits: replicated or row-sharded (``config.mesh.dataset``)."""
+        return None if self.mesh is None else parallel.dataset_sharding(self.mesh, self.config.mesh.dataset)
 
     @property
     def method(self) -> str:
@@ -99,9 +111,13 @@ def data_seed_key(config) -> jax.Array:
     return jax.random.PRNGKey(config.seed)
 
 
-def epoch_permutation_fn(config, num_train: int) -> Callable[[int], jax.Array]:
-    """``epoch -> permutation`` (1-based epochs), jitted; the order of the training set in that epoch."""
-    fn = jax.jit(lambda e: data_lib.epoch_permutation(data_seed_key(config), e, num_train))
+def epoch_permutation_fn(config, num_train: int, sharding: jax.sharding.Sharding | None = None
+                         ) -> Callable[[int], jax.Array]:
+    """``epoch -> permutation`` (1-based epochs), jitted; the order of the training set in that epoch.
+
+    ``sharding``: where the permutation is placed (the trainer: replicated on the mesh, a global array).
+    """
+    fn = jax.jit(lambda e: data_lib.epoch_permutation(data_seed_key(config), e, num_train), out_shardings=sharding)
     return lambda epoch: fn(jnp.int32(epoch - 1))
 
 
@@ -266,11 +282,13 @@ def make_train_step(setup: Setup) -> Callable:
     def train_step(state: TrainState, teacher_vars: Params, images: jax.Array, labels: jax.Array, perm: jax.Array):
         step = state.step
         epoch = (step // spe + 1).astype(jnp.float32)  # 1-based, as the lineage counts epochs
-        idx = data_lib.batch_indices_from_permutation(perm, step % spe, config.batch_size)
+        # The global batch, split along the mesh's "data" axis from here on: each device gathers, augments
+        # and computes its batch_size / n examples; batch reductions (BatchNorm, losses) become all-reduces.
+        idx = parallel.constrain_batch(data_lib.batch_indices_from_permutation(perm, step % spe, config.batch_size),
+                                       setup.mesh)
         x = data_lib.augment(images[idx], jax.random.fold_in(jax.random.fold_in(data_key, 1), step), mean, std,
                              padding=config.data.crop_padding, flip=config.data.random_flip)
-        x = x.astype(dtype)
-        y = labels[idx]
+        x, y = parallel.constrain_batch((x.astype(dtype), labels[idx]), setup.mesh)
         t_logits = t_feats = weights = None
         metrics_t = {}
         if setup.teacher is not None:
@@ -300,11 +318,12 @@ def make_train_step(setup: Setup) -> Callable:
 # Evaluation
 
 
-def make_eval_fn(model: nn.Module, execution: str, num_examples: int, batch_size: int, mean, std, dtype) -> Callable:
+def make_eval_fn(model: nn.Module, execution: str, num_examples: int, batch_size: int, mean, std, dtype,
+                 mesh: jax.sharding.Mesh | None = None) -> Callable:
     """``eval_fn(stacked_vars, images, labels) -> (correct[R], ensemble_correct)`` over the whole test split.
 
     Every example is seen exactly once (padded fixed-size batches with a mask); the ensemble prediction is
-    the mean of the members' softmax probabilities.
+    the mean of the members' softmax probabilities. With a ``mesh``, each batch is split along its "data" axis.
     """
     num_batches = data_lib.num_eval_batches(num_examples, batch_size)
     mean = jnp.asarray(mean, jnp.float32)
@@ -312,9 +331,8 @@ def make_eval_fn(model: nn.Module, execution: str, num_examples: int, batch_size
 
     def eval_fn(stacked_vars, images, labels):
         def body(carry, b):
-            i, m = data_lib.eval_batch_indices(b, num_examples, batch_size)
-            x = data_lib.normalize(images[i], mean, std).astype(dtype)
-            y = labels[i]
+            i, m = parallel.constrain_batch(data_lib.eval_batch_indices(b, num_examples, batch_size), mesh)
+            x, y = parallel.constrain_batch((data_lib.normalize(images[i], mean, std).astype(dtype), labels[i]), mesh)
             logits = map_stacked(lambda v, x: model.apply(v, x, train=False)[0], execution, stacked_vars, x)
             correct = jnp.sum((jnp.argmax(logits, -1) == y[None]) & m[None], axis=1)
             probs = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), -1), axis=0)
@@ -327,6 +345,43 @@ def make_eval_fn(model: nn.Module, execution: str, num_examples: int, batch_size
         return correct, ens
 
     return eval_fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compiled with the mesh's shardings: the same functions on one device or a pod
+
+
+def jit_train_step(setup: Setup) -> Callable:
+    """:func:`make_train_step` jitted with explicit in/out shardings over ``setup.mesh``.
+
+    State, teachers and the epoch permutation are replicated, the splits placed as ``config.mesh.dataset``
+    says; the batch is sharded along "data" inside the step. Only the state's buffers are donated.
+    """
+    rep, data = setup.replicated, setup.dataset_sharding
+    return jax.jit(make_train_step(setup), in_shardings=(rep, rep, data, data, rep), out_shardings=(rep, rep),
+                   donate_argnums=(0,))
+
+
+def jit_eval_fn(setup: Setup, model: nn.Module, execution: str, num_examples: int, batch_size: int,
+                dtype) -> Callable:
+    """:func:`make_eval_fn` over ``setup.mesh``: variables replicated, test split as placed, batches sharded."""
+    rep, data = setup.replicated, setup.dataset_sharding
+    fn = make_eval_fn(model, execution, num_examples, batch_size, setup.mean, setup.std, dtype, mesh=setup.mesh)
+    return jax.jit(fn, in_shardings=(rep, data, data), out_shardings=rep)
+
+
+def jit_init_state(setup: Setup, rng: jax.Array) -> TrainState:
+    """A fresh state, created directly replicated on the mesh (a global array on every host)."""
+    return jax.jit(lambda: init_state(setup, rng), out_shardings=setup.replicated)()
+
+
+def abstract_state(setup: Setup, rng: jax.Array) -> TrainState:
+    """Shapes, dtypes and (replicated) shardings of the state: the restore target of a checkpoint.
+
+    With shardings in the target, Orbax restores onto this run's mesh whatever mesh saved the checkpoint.
+    """
+    shapes = jax.eval_shape(lambda: init_state(setup, rng))
+    return shapes if setup.mesh is None else parallel.with_sharding(shapes, setup.replicated)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -431,7 +486,8 @@ def build_setup(config, ds, teachers: Teachers | None) -> Setup:
         steps_per_epoch=spe, num_replicas=config_lib.num_replicas(config), num_teachers=num_teachers,
         replica_execution=resolve_execution(config.execution),
         teacher_execution=resolve_execution(config.teachers.execution), feature_index=feature_index,
-        num_train=n_train, mean=tuple(float(m) for m in ds.mean), std=tuple(float(v) for v in ds.std))
+        num_train=n_train, mean=tuple(float(m) for m in ds.mean), std=tuple(float(v) for v in ds.std),
+        mesh=parallel.make_mesh(config))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -439,10 +495,14 @@ def build_setup(config, ds, teachers: Teachers | None) -> Setup:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` in the workdir: one JSON object per epoch (and per log interval)."""
+    """``metrics.jsonl`` in the workdir: one JSON object per epoch (and per log interval).
 
-    def __init__(self, workdir: pathlib.Path):
+    ``writable=False`` (every process but process 0 of a multi-host run) reads but never writes.
+    """
+
+    def __init__(self, workdir: pathlib.Path, writable: bool = True):
         self.path = workdir / "metrics.jsonl"
+        self.writable = writable
 
     def truncate_after(self, step: int) -> list[dict]:
         """On resume: drops records past the restored step and returns the kept ones."""
@@ -456,12 +516,16 @@ class MetricsLog:
                 continue  # a line cut by a crash
             if rec.get("step", 0) <= step:
                 kept.append(rec)
+        if not self.writable:
+            return kept
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
         return kept
 
     def write(self, record: dict) -> None:
+        if not self.writable:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -520,7 +584,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (teachers with method 'ce', or a distilled student) in ``workdir``; resumes if it holds a run.
 
     Returns the summary that is also written to ``<workdir>/summary.json``.
+
+    Data-parallel over ``config.mesh`` (demkd_jax/parallel.py); in a multi-process run every process calls
+    this with the same config, and only process 0 prints and writes files (Orbax coordinates checkpoints).
     """
+    parallel.initialize_distributed(config.distributed)  # before anything touches a device
     # Every check that can fail on a bad input runs before anything is compiled or written into the workdir.
     config_lib.validate(config, workdir=workdir)
     t_start = time.time()
@@ -535,25 +603,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     n_train = ds.train_images.shape[0]
     spe = n_train // config.batch_size
     total_steps = spe * config.num_epochs
-    log = print
+    primary = parallel.is_primary()
+    log = parallel.primary_only(print)
 
     teachers = prepare_teachers(config, workdir, ds.num_classes, log)
     setup = build_setup(config, ds, teachers)
-    teacher_vars = None if teachers is None else jax.device_put(teachers.variables)
+    mesh = setup.mesh
+    teacher_vars = None if teachers is None else parallel.put_replicated(teachers.variables, mesh)
     teacher_summary: dict[str, Any] = {} if teachers is None else {"model": teachers.model_name,
                                                                   "dirs": [str(d) for d in teachers.dirs]}
     teacher, num_teachers = setup.teacher, setup.num_teachers
 
-    train_images, train_labels = jax.device_put(ds.train_images), jax.device_put(ds.train_labels)
-    test_images, test_labels = jax.device_put(ds.test_images), jax.device_put(ds.test_labels)
+    train_images, train_labels = parallel.put_dataset(ds.train_images, ds.train_labels, mesh, config.mesh.dataset)
+    test_images, test_labels = parallel.put_dataset(ds.test_images, ds.test_labels, mesh, config.mesh.dataset)
     n_test = ds.test_images.shape[0]
-    eval_batch = min(config.eval_batch_size, n_test)
-    student_eval = jax.jit(make_eval_fn(setup.student, setup.replica_execution, n_test, eval_batch, ds.mean, ds.std, dtype))
+    eval_batch = config.eval_batch_size
+    if eval_batch > n_test:  # a small test split: the largest batch it fills that is a multiple of the devices
+        eval_batch = max(mesh.size, n_test - n_test % mesh.size)
+    student_eval = jit_eval_fn(setup, setup.student, setup.replica_execution, n_test, eval_batch, dtype)
 
     # --- teachers' own accuracy, once
     if teacher is not None:
-        t_eval = make_eval_fn(teacher, setup.teacher_execution, n_test, eval_batch, ds.mean, ds.std, dtype)
-        correct, ens = jax.device_get(jax.jit(t_eval)(teacher_vars, test_images, test_labels))
+        t_eval = jit_eval_fn(setup, teacher, setup.teacher_execution, n_test, eval_batch, dtype)
+        correct, ens = jax.device_get(t_eval(teacher_vars, test_images, test_labels))
         teacher_summary["test_acc"] = [round(100.0 * float(c) / n_test, 2) for c in correct]
         teacher_summary["ensemble_test_acc"] = round(100.0 * float(ens) / n_test, 2)
         log(f"teachers ({teacher_summary['model']} x {num_teachers}): test top-1 {teacher_summary['test_acc']}, "
@@ -564,36 +636,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         workdir / "checkpoints", keep_last=config.checkpoint.keep_last, keep_best=config.checkpoint.keep_best,
         delete_corrupt=config.checkpoint.delete_corrupt,
         restart_if_all_corrupt=config.checkpoint.restart_if_all_corrupt, log=log)
-    metrics_log = MetricsLog(workdir)
+    metrics_log = MetricsLog(workdir, writable=primary)
     rng = jax.random.PRNGKey(config.seed)
-    abstract_state = jax.eval_shape(lambda: init_state(setup, rng))
     # The newest checkpoint that reads back exactly (newer corrupted ones are reported and set aside).
-    resumed = checkpointer.restore_latest(abstract_state)
+    resumed = checkpointer.restore_latest(abstract_state(setup, rng))
     history: list[dict] = []
     if resumed is not None:
         latest, state = resumed
         history = [r for r in metrics_log.truncate_after(latest) if "test_acc" in r]
         log(f"resumed from {checkpointer.directory} at step {latest} (epoch {latest // spe})")
     else:
-        state = jax.jit(lambda: init_state(setup, rng))()
+        state = jit_init_state(setup, rng)
         metrics_log.truncate_after(0)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        if primary:
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     start_step = int(jax.device_get(state.step))
 
-    train_step = jax.jit(make_train_step(setup), donate_argnums=(0,))
-    permutation = epoch_permutation_fn(config, n_train)
+    train_step = jit_train_step(setup)
+    permutation = epoch_permutation_fn(config, n_train, setup.replicated)
     best = max((r["test_acc"] for r in history), default=float("-inf"))
     epoch_acc = history[-1]["test_acc_per_replica"] if history else None
     skipped = 0
+    mesh_info = parallel.describe(mesh, config)
     if start_step == 0:
         log(f"{method}: {config.student.model} x {replicas} on {ds.name} ({n_train} train / {n_test} test), "
             f"{spe} steps/epoch x {config.num_epochs} epochs; initial compilation...")
+    log(f"mesh: {mesh_info['devices']} {mesh_info['platform']} device(s) on axis 'data' "
+        f"({mesh_info['processes']} process(es)), {mesh_info['per_device_batch']} examples per device per step, "
+        f"dataset {mesh_info['dataset']}")
 
     step = start_step
     while step < total_steps:
         epoch = step // spe + 1
         epoch_end = epoch * spe
-        bar = _progress(epoch_end - step, f"epoch {epoch}/{config.num_epochs}", config.progress_bar)
+        bar = _progress(epoch_end - step, f"epoch {epoch}/{config.num_epochs}", config.progress_bar and primary)
         t_epoch, images_seen = time.time(), 0
         pending: list[dict] = []
         sums: dict[str, Any] = {}
@@ -664,13 +740,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "wall_time_s": round(time.time() - t_start, 1),
         "skipped_steps": int(sum(r.get("skipped_steps", 0) for r in history)),  # resumed epochs included
         "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-        "jax_version": jax.__version__,
+        "jax_version": jax.__version__, "mesh": mesh_info,
     }
     if teacher_summary:
         summary["teachers"] = teacher_summary
     if method == "ce" and replicas > 1:
         summary["ensemble_test_acc"] = final.get("ensemble_test_acc")
     if method == "ce" and config.ensemble_size > 0:
+        # Every process calls Orbax (it writes once, from process 0); the barrier keeps the other processes
+        # from reading teacher.json before process 0 wrote it.
         host_state = jax.device_get(state)
         for k, d in enumerate(teacher_dirs(workdir, replicas)):
             variables = {"params": jax.tree_util.tree_map(lambda a: a[k], host_state.params["student"]),
@@ -680,6 +758,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   metadata={"test_acc": final["test_acc_per_replica"][k], "dataset": ds.name,
                                             "epochs": config.num_epochs, "seed": config.seed, "member": k})
         summary["teacher_dirs"] = [str(d) for d in teacher_dirs(workdir, replicas)]
-    ckpt_lib.write_json_atomic(workdir / "summary.json", summary)
+        parallel.sync("demkd_jax: teachers exported")
+    if primary:
+        ckpt_lib.write_json_atomic(workdir / "summary.json", summary)
     log("summary: " + json.dumps({k: v for k, v in summary.items() if k not in ("teacher_dirs",)}))
     return summary

@@ -3,7 +3,7 @@
 import json
 
 from demkd_jax import reproduce
-from tests.conftest import TINY_CLASSES as NUM_CLASSES
+from conftest import TINY_CLASSES as NUM_CLASSES
 
 
 def test_reproduce_tiny(tiny_data, tmp_path, capsys):

@@ -15,8 +15,8 @@ from demkd_jax import checkpoint as ckpt_lib
 from demkd_jax import config as config_lib
 from demkd_jax import data as data_lib
 from demkd_jax import models, train
-from tests.conftest import TINY_CLASSES as NUM_CLASSES
-from tests.conftest import TINY_OVERRIDES, apply_overrides
+from conftest import TINY_CLASSES as NUM_CLASSES
+from conftest import TINY_OVERRIDES, apply_overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
