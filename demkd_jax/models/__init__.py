@@ -63,6 +63,7 @@ def create_model(
     *,
     width: float = 1.0,
     fold_bn: bool = False,
+    winograd: bool = False,
 ) -> nn.Module:
     """Builds a zoo model by its reference name.
 
@@ -73,6 +74,9 @@ def create_model(
       width: channel multiplier (1.0 = the reference architecture; smaller for fast tests).
       fold_bn: build the inference form with every conv->BN pair folded into one biased conv
         (use with :func:`fold_batchnorm`; for frozen teachers).
+      winograd: compute the 3x3 stride-1 convolutions of small feature maps with Winograd F(2x2, 3x3)
+        (:mod:`demkd_jax.models.winograd`; same parameters). ShuffleNets and MobileNetV2 have no such
+        convolution (theirs are depthwise) and ignore it.
     """
     if name not in _FACTORIES:
         raise ValueError(f"unknown model name {name!r}; expected one of: {', '.join(MODEL_NAMES)}")
@@ -80,7 +84,8 @@ def create_model(
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if not width > 0:
         raise ValueError(f"width must be > 0, got {width}")
-    return _FACTORIES[name](num_classes=num_classes, width=width, dtype=jnp.dtype(dtype), fold_bn=fold_bn)
+    extra = {"winograd": winograd} if name not in ("ShuffleV1", "ShuffleV2", "MobileNetV2") else {}
+    return _FACTORIES[name](num_classes=num_classes, width=width, dtype=jnp.dtype(dtype), fold_bn=fold_bn, **extra)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int = 32, batch_size: int = 2):

@@ -5,6 +5,8 @@ Conventions (match the PyTorch reference zoo of CRD/RepDistiller and CA-MKD):
   ``"SAME"`` pads asymmetrically for stride 2 and would not match).
 - BatchNorm: momentum 0.9 in Flax terms (PyTorch 0.1), epsilon 1e-5.
 - ``dtype`` is the computation dtype; parameters are always float32.
+- ``winograd=True`` computes eligible 3x3 convolutions (stride 1, small maps) with Winograd F(2x2, 3x3)
+  (:mod:`demkd_jax.models.winograd`); parameters are unchanged.
 - ``fold_bn=True`` builds the inference form of a conv->BN pair: a single convolution with bias whose
   weights come from :func:`demkd_jax.models.fold_batchnorm`. Used for frozen teachers.
 """
@@ -16,6 +18,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from demkd_jax.models import winograd as winograd_lib
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -73,6 +77,7 @@ class ConvBN(nn.Module):
     kernel_init: Initializer = he_normal_fan_out
     dtype: Dtype = jnp.float32
     fold_bn: bool = False
+    winograd: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -88,6 +93,7 @@ class ConvBN(nn.Module):
             bias_init=nn.initializers.zeros,
             dtype=self.dtype,
             param_dtype=jnp.float32,
+            conv_general_dilated=winograd_lib.conv_general_dilated if self.winograd else None,
             name="conv",
         )(x)
         if self.fold_bn:
@@ -103,6 +109,7 @@ def conv(
     use_bias: bool = False,
     kernel_init: Initializer = he_normal_fan_out,
     dtype: Dtype = jnp.float32,
+    winograd: bool = False,
     name: str | None = None,
 ) -> nn.Conv:
     """A bare convolution with PyTorch's symmetric ``padding=k//2``."""
@@ -117,6 +124,7 @@ def conv(
         bias_init=nn.initializers.zeros,
         dtype=dtype,
         param_dtype=jnp.float32,
+        conv_general_dilated=winograd_lib.conv_general_dilated if winograd else None,
         name=name,
     )
 

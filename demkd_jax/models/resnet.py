@@ -32,10 +32,11 @@ class BasicBlock(nn.Module):
     downsample: bool = False
     dtype: Dtype = jnp.float32
     fold_bn: bool = False
+    winograd: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        kw = dict(dtype=self.dtype, fold_bn=self.fold_bn)
+        kw = dict(dtype=self.dtype, fold_bn=self.fold_bn, winograd=self.winograd)
         out = nn.relu(ConvBN(self.features, 3, self.strides, name="conv_bn1", **kw)(x, train))
         out = ConvBN(self.features, 3, name="conv_bn2", **kw)(out, train)
         if self.downsample:
@@ -50,13 +51,14 @@ class ResNet(nn.Module):
     width: float = 1.0
     dtype: Dtype = jnp.float32
     fold_bn: bool = False
+    winograd: bool = False
 
     def setup(self):
         if (self.depth - 2) % 6:
             raise ValueError(f"ResNet depth must be 6n+2, got {self.depth}")
         n = (self.depth - 2) // 6
         filters = [scale_channels(f, self.width) for f in self.filters]
-        kw = dict(dtype=self.dtype, fold_bn=self.fold_bn)
+        kw = dict(dtype=self.dtype, fold_bn=self.fold_bn, winograd=self.winograd)
         self.stem = ConvBN(filters[0], 3, **kw)
         layers, in_planes = [], filters[0]
         for stage, planes in enumerate(filters[1:]):

@@ -37,12 +37,13 @@ class VGG(nn.Module):
     width: float = 1.0
     dtype: Dtype = jnp.float32
     fold_bn: bool = False
+    winograd: bool = False
 
     def setup(self):
         self.blocks = [
             [
                 ConvBN(scale_channels(c, self.width), 3, conv_bias=True, kernel_init=he_normal_fan_out,
-                       dtype=self.dtype, fold_bn=self.fold_bn)
+                       dtype=self.dtype, fold_bn=self.fold_bn, winograd=self.winograd)
                 for c in stage
             ]
             for stage in self.stages

@@ -69,3 +69,32 @@ def conv3x3(x: jax.Array, kernel: jax.Array, *, precision=None) -> jax.Array:
         for mu in range(TILE)])  # [2 (mu), 2 (nu), n, th, tw, C_out]
     out = out.transpose(2, 3, 0, 4, 1, 5).reshape(n, th * TILE, tw * TILE, -1)
     return out[:, :h, :w]
+
+
+# Feature maps up to this size use Winograd when enabled: measured on CPU, the transforms cost more than
+# the saved multiplications on larger maps (see benchmarks/README.md).
+MAX_SIZE = 8
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: Winograd where it applies.
+
+    Applies to a 3x3 kernel, stride 1, padding 1, no dilation or groups, NHWC/HWIO, and maps of at most
+    :data:`MAX_SIZE`; everything else goes to ``lax.conv_general_dilated`` unchanged.
+    """
+    eligible = (
+        rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
+        and [tuple(p) for p in padding] == [(1, 1), (1, 1)]
+        and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+        and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
+        and feature_group_count == 1 and not kwargs
+        and max(lhs.shape[1:3]) <= MAX_SIZE
+        and dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
+        and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)
+    )
+    if not eligible:
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                            feature_group_count=feature_group_count, precision=precision, **kwargs)
+    return conv3x3(lhs, rhs, precision=precision)

@@ -34,14 +34,15 @@ class WideBasicBlock(nn.Module):
     equal_in_out: bool
     dtype: Dtype = jnp.float32
     fold_bn: bool = False
+    winograd: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         pre = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
         # conv1 -> bn2 is a conv->BN pair (foldable); bn1 follows the residual sum and stays.
         out = nn.relu(ConvBN(self.features, 3, self.strides, dtype=self.dtype, fold_bn=self.fold_bn,
-                             name="conv1_bn2")(pre, train))
-        out = conv(self.features, 3, dtype=self.dtype, name="conv2")(out)
+                             winograd=self.winograd, name="conv1_bn2")(pre, train))
+        out = conv(self.features, 3, dtype=self.dtype, winograd=self.winograd, name="conv2")(out)
         if self.equal_in_out:
             return x + out
         shortcut = conv(self.features, 1, self.strides, dtype=self.dtype, name="shortcut")(pre)
@@ -55,6 +56,7 @@ class WideResNet(nn.Module):
     width: float = 1.0
     dtype: Dtype = jnp.float32
     fold_bn: bool = False
+    winograd: bool = False
 
     def setup(self):
         if (self.depth - 4) % 6:
@@ -69,7 +71,8 @@ class WideResNet(nn.Module):
             stage_blocks = []
             for i in range(n):
                 stage_blocks.append(WideBasicBlock(planes, strides if i == 0 else 1, in_planes == planes,
-                                                   dtype=self.dtype, fold_bn=self.fold_bn))
+                                                   dtype=self.dtype, fold_bn=self.fold_bn,
+                                                   winograd=self.winograd))
                 in_planes = planes
             blocks.append(stage_blocks)
         self.blocks = blocks
