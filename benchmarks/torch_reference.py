@@ -419,6 +419,50 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)) -> list[torc
         return res
 
 
+def _cpu_ticks() -> tuple[int, int, int] | None:
+    """``(busy, total, ours)`` clock ticks from /proc: the whole machine, and this process plus its children
+    (DataLoader workers). ``None`` off Linux. Used to report how much CPU *other* processes took while a
+    measurement ran (this benchmark is meant for a shared 2-core machine)."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        total = sum(vals[:8])
+        me = os.getpid()
+        ours = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(entry) == me or int(fields[1]) == me:  # fields[1] is the parent pid
+                ours += int(fields[11]) + int(fields[12])  # utime + stime
+        return total - idle, total, ours
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _minor_faults() -> int | None:
+    """Minor page faults of this process so far (glibc hands large freed tensors back to the kernel, and
+    a loop that re-faults them in every step pays for it: reported, not tuned away)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _other_load(before, after) -> float | None:
+    """CPU cores used by processes other than this one (and its workers) between two ``_cpu_ticks``."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    busy, total, ours = (a - b for a, b in zip(after, before))
+    return max(0.0, (busy - ours) / total * (os.cpu_count() or 1))
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -608,8 +652,8 @@ def run_mode(
         input, target = next(batches)
         input = input.float()
         if cuda:
-            input = input.cuda(non_blocking=True)
-            target = target.cuda(non_blocking=True)
+            input = input.to(dev, non_blocking=True)
+            target = target.to(dev, non_blocking=True)
         data_time.update(time.perf_counter() - end)
         step_fn(input, target)
 
@@ -621,15 +665,19 @@ def run_mode(
     for _ in range(warmup):
         one_step()
     sync()
-    rates, step_ms, data_ms = [], [], []
+    rates, step_ms, data_ms, others, fault_rates = [], [], [], [], []
     for _ in range(max(1, repeats)):
         data_time.__init__()
         sync()
+        ticks = _cpu_ticks()
+        faults = _minor_faults()
         start = time.perf_counter()
         for _ in range(steps):
             one_step()
         sync()
         seconds = time.perf_counter() - start
+        others.append(_other_load(ticks, _cpu_ticks()))
+        fault_rates.append(None if faults is None else (_minor_faults() - faults) / steps)
         rates.append(batch * steps / seconds)
         step_ms.append(1000.0 * seconds / steps)
         data_ms.append(1000.0 * data_time.avg)
@@ -670,6 +718,8 @@ def run_mode(
         "augment": augment,
         "data": data_name,
         "epoch": epoch,
+        "other_cpu_cores": [None if o is None else round(o, 2) for o in others],
+        "minor_faults_per_step": None if fault_rates[0] is None else round(statistics.median(fault_rates)),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in load_after],
     }
