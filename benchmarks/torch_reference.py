@@ -13,7 +13,8 @@ tuned beyond what CRD / RepDistiller / CA-MKD / mdistiller do. Per step, exactly
   ``torch.no_grad()`` (eval mode);
 - the losses of SPEC.md section 3 written per teacher in eager PyTorch (mdistiller's DKD with a per-example
   reduction, the "camkd" entropy weights, CA-MKD's ``Embed`` connectors and per-example MSE);
-- ``loss.item()`` and top-1/top-5 accuracy ``.item()`` into AverageMeters, ``optimizer.zero_grad()``,
+- ``loss.item()`` and the top-1/top-5 accuracy into AverageMeters (``.item()`` for the loss, tensors for
+  the accuracies in the distillation loops, ``.item()`` for both in ``train_vanilla``), ``optimizer.zero_grad()``,
   ``loss.backward()``, ``optimizer.step()`` with ``SGD(lr=0.05, momentum=0.9, nesterov=True,
   weight_decay=5e-4)`` over the student and the connectors.
 
@@ -35,9 +36,19 @@ issue 7 measure): images/s = batch * steps / seconds, after ``--warmup`` steps. 
     PYTHONPATH=. python benchmarks/torch_reference.py --mode all --batch 64 --steps 20
     PYTHONPATH=. python benchmarks/torch_reference.py --mode demkd --device cuda --num-workers 8
 
-``--num-workers`` defaults to 0 on CPU: on a 2-core machine a worker process competes with the two
-compute threads for the same cores (measured: see ``--help`` of ``--num-workers``), while a CUDA run
-defaults to CA-MKD's 8 workers (capped at the core count) so the host never starves the GPU.
+``--num-workers`` defaults to 0 on CPU. On the 2-core machine the per-sample augmentation costs about
+10 ms of a ~800 ms distillation step, and a worker process can only run by taking a core from the two
+OpenMP compute threads. Measured there (torch 2.13, 2 threads, batch 64, quiet periods, median img/s
+over 8-19 timed blocks): ``demkd`` 78.7 with 0 workers, 76.6 with 2, 68.5 with 8 (CA-MKD's default);
+``aver_logits`` 83.7 / 84.4 with 0 / 2; ``student_ce`` 234 / 270 / 238 with 0 / 2 / 8 (the light step gains
+from overlapping its ~4 % of data time). A CUDA run defaults to CA-MKD's 8 workers (capped at the core
+count) and pinned memory, so that the host does not starve the GPU.
+
+Each record also carries ``other_cpu_cores`` (CPU that *other* processes used during each timed block,
+from /proc: on a shared 2-core machine a busy neighbour slows a 2-thread OpenMP team several-fold) and
+``minor_faults_per_step`` (glibc returns large freed activations to the kernel, and a loop that faults
+them back in every step is measurably slower; a forward-only loop is hit hardest). Neither is tuned away:
+the CRD-family loops run on the same allocator.
 """
 
 from __future__ import annotations
@@ -517,7 +528,7 @@ def run_mode(
     warmup: int = 5,
     repeats: int = 1,
     device: str = "cpu",
-    threads: int | None = 2,
+    threads: int | None = None,
     num_workers: int | None = None,
     pin_memory: bool | None = None,
     data: str = "auto",
@@ -546,7 +557,9 @@ def run_mode(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of: {', '.join(MODES)}")
     dev = resolve_device(device)
-    if threads is not None and threads > 0:
+    if threads is None:  # 2 on CPU (the peer figures' setting); on CUDA torch's default, as the CRD scripts
+        threads = 2 if dev.type == "cpu" else 0
+    if threads > 0:
         torch.set_num_threads(threads)
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if dev.type == "cuda" else 0
@@ -618,9 +631,9 @@ def run_mode(
             loss_kd = torch.mul(weight, loss_st).sum() / (1.0 * bsz * k)
             loss = loss_cls + loss_div + feat_on * feature_weight * loss_kd
         acc1, acc5 = accuracy(logit_s, target, topk=(1, 5))
-        losses.update(loss.item(), input.size(0))
-        top1.update(acc1[0].item(), input.size(0))
-        top5.update(acc5[0].item(), input.size(0))
+        losses.update(loss.item(), input.size(0))  # the step's one host sync, as in their loops
+        top1.update(acc1[0], input.size(0))  # tensors, as train_distill / train_distill_multi_teacher
+        top5.update(acc5[0], input.size(0))
 
         # ===================backward=====================
         optimizer.zero_grad()
@@ -659,7 +672,7 @@ def run_mode(
 
     def sync():
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(dev)
 
     load_before = os.getloadavg()
     for _ in range(warmup):
@@ -707,8 +720,9 @@ def run_mode(
         "warmup": warmup,
         "repeats": len(rates),
         "loss": losses.avg if losses.count else None,
-        "top1": top1.avg,
-        "device": str(dev) if not cuda else f"cuda:{torch.cuda.get_device_name(dev)}",
+        "top1": float(top1.avg),
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if cuda else (platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "mkldnn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
@@ -734,11 +748,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (also starts the workers)")
     p.add_argument("--repeats", type=int, default=1, help="timed blocks; img_per_s is their median")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave torch's default)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads; default 2 on CPU (the peer figures' setting), torch's own "
+                        "default on CUDA (as the CRD-family scripts, which never set it); 0: torch's default")
     p.add_argument("--num-workers", type=int, default=None,
-                   help="DataLoader workers; default 0 on CPU (a worker would compete with the compute "
-                        "threads for the 2 cores), min(8, cores) on CUDA (CA-MKD's default 8)")
+                   help="DataLoader workers; default 0 on CPU (a worker competes with the compute threads "
+                        "for the cores; see the module docstring for 0 vs 2 vs 8), min(8, cores) on CUDA "
+                        "(CA-MKD's default 8)")
     p.add_argument("--pin-memory", choices=("auto", "on", "off"), default="auto", help="auto: on for CUDA only")
     p.add_argument("--data", choices=("auto", "cifar100", "synthetic"), default="auto",
                    help="auto: the real CIFAR-100 train split when present, else synthetic uint8")
@@ -758,6 +775,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = _parse(argv)
     dev = resolve_device(args.device)
+    if args.threads is None:
+        args.threads = 2 if dev.type == "cpu" else 0
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__} | device {dev}"
@@ -769,7 +788,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     records = []
     for mode in (MODES if args.mode == "all" else (args.mode,)):
         rec = run_mode(mode, batch=args.batch, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-                       device=args.device, threads=args.threads or None, num_workers=args.num_workers,
+                       device=str(dev), threads=args.threads, num_workers=args.num_workers,
                        pin_memory=pin, augment=args.augment, student=args.student, teacher=args.teacher,
                        num_teachers=args.num_teachers, epoch=args.epoch, beta=args.beta, seed=args.seed,
                        dataset=dataset)
