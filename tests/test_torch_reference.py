@@ -36,7 +36,7 @@ def test_every_mode_runs_and_prints_one_json_line():
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     # One thread: this is a correctness check, and a 2-thread OpenMP team crawls on a loaded 2-core box.
     cmd = [sys.executable, str(SCRIPT), "--mode", "all", "--batch", "8", "--steps", "2", "--warmup", "0",
-           "--data", "synthetic", "--synthetic-size", "24", "--threads", "1"]
+           "--data", "synthetic", "--synthetic-size", "24", "--threads", "1", "--no-isolate"]
     out = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -51,6 +51,12 @@ def test_every_mode_runs_and_prints_one_json_line():
         assert r["ratio_to_peer"] == pytest.approx(r["img_per_s"] / tr.PEER_IMG_PER_S[r["mode"]], rel=1e-2)
         if r["mode"] != "teacher_forward":
             assert np.isfinite(r["loss"]) and r["loss"] > 0
+
+
+def test_isolated_modes_get_the_same_arguments():
+    argv = ["--mode", "all", "--batch", "8", "--isolate", "--steps=2"]
+    assert tr._mode_argv(argv, "demkd") == ["--batch", "8", "--steps=2", "--mode", "demkd", "--no-isolate"]
+    assert tr._mode_argv(["--mode=all"], "student_ce") == ["--mode", "student_ce", "--no-isolate"]
 
 
 def test_augmentation_matches_the_torchvision_pipeline_on_pil_and_numpy():
