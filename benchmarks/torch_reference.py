@@ -44,6 +44,15 @@ over 8-19 timed blocks): ``demkd`` 78.7 with 0 workers, 76.6 with 2, 68.5 with 8
 from overlapping its ~4 % of data time). A CUDA run defaults to CA-MKD's 8 workers (capped at the core
 count) and pinned memory, so that the host does not starve the GPU.
 
+Measured on the 2-core CI VM (AMD EPYC, torch 2.13 CPU, 2 threads, batch 64, real CIFAR-100, 0 workers,
+``--mode all --steps 10 --warmup 3 --repeats 3``, quiet machine, 2048^2 sgemm probe ~190 GFLOP/s): demkd 81.6,
+demkd_logits 87.4, aver_logits 85.0, camkd_features 82.5, teacher_forward 107.8, student_ce 280.7 img/s, i.e.
+0.83 / 0.82 / 0.80 / 0.84 / 0.70 / 0.78 of issue 7's peer figures; with the probe at ~96 GFLOP/s (a slow
+hour of the same VM) every mode runs 10-20 % slower. The loop itself costs only the ~8-12 ms/step of
+host augmentation over the bare compute; the same day a plain Flax vgg13 forward / vgg8 step ran at 212 /
+172 img/s against the 370 / 210 quoted beside the peer figures, so this reference stands against Flax as
+the peer did then (torch/Flax 1.52 vs 1.26 for the teacher forward, 1.63 vs 1.71 for the student step).
+
 Each record also carries ``other_cpu_cores`` (CPU that *other* processes used during each timed block,
 from /proc: on a shared 2-core machine a busy neighbour slows a 2-thread OpenMP team several-fold) and
 ``minor_faults_per_step`` (glibc returns large freed activations to the kernel, and a loop that faults
@@ -55,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import platform
@@ -474,6 +484,23 @@ def _other_load(before, after) -> float | None:
     return max(0.0, (busy - ours) / total * (os.cpu_count() or 1))
 
 
+def cpu_matmul_gflops(n: int = 2048, reps: int = 3) -> float:
+    """Best-of-``reps`` GFLOP/s of an ``n x n`` float32 matmul (MKL) with torch's current threads.
+
+    A probe of the machine's speed at the moment of a measurement: on a shared VM it drifts by up to 2x
+    (a host neighbour on the sibling hyper-thread does not show in /proc), so a throughput is only
+    comparable with one taken at a similar probe value, or side by side.
+    """
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best / 1e9
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -547,12 +574,14 @@ def run_mode(
     lr: float = 0.05,
     seed: int = 0,
     dataset: tuple[np.ndarray, np.ndarray, str] | None = None,
+    probe_cpu: bool | None = None,
 ) -> dict[str, Any]:
     """Runs one mode for ``warmup`` + ``repeats`` x ``steps`` steps and returns its JSON record.
 
     ``epoch`` fixes the epoch the step is taken in: the KD term gets the warm-up factor
     ``min(epoch / warmup_epochs, 1)`` and the feature term is on from epoch 2 (both as plain numbers).
-    ``dataset`` may pass ``load_data``'s result to reuse it across modes.
+    ``dataset`` may pass ``load_data``'s result to reuse it across modes. ``probe_cpu`` (default: on for a
+    CPU run) times :func:`cpu_matmul_gflops` before the warm-up and after the timed blocks.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of: {', '.join(MODES)}")
@@ -568,6 +597,8 @@ def run_mode(
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as CA-MKD's train_student.py (not deterministic)
     cuda = dev.type == "cuda"
+    if probe_cpu is None:
+        probe_cpu = not cuda
 
     images, labels, data_name = dataset if dataset is not None else load_data(data, data_path, synthetic_size, seed)
     num_classes = 100
@@ -675,6 +706,7 @@ def run_mode(
             torch.cuda.synchronize(dev)
 
     load_before = os.getloadavg()
+    probe = [cpu_matmul_gflops()] if probe_cpu else []
     for _ in range(warmup):
         one_step()
     sync()
@@ -695,6 +727,8 @@ def run_mode(
         step_ms.append(1000.0 * seconds / steps)
         data_ms.append(1000.0 * data_time.avg)
     load_after = os.getloadavg()
+    if probe_cpu:
+        probe.append(cpu_matmul_gflops())
     del batches  # shuts the workers down
 
     best = int(np.argmax(rates))
@@ -732,6 +766,7 @@ def run_mode(
         "augment": augment,
         "data": data_name,
         "epoch": epoch,
+        "cpu_sgemm_gflops": [round(g, 1) for g in probe] or None,
         "other_cpu_cores": [None if o is None else round(o, 2) for o in others],
         "minor_faults_per_step": None if fault_rates[0] is None else round(statistics.median(fault_rates)),
         "loadavg_before": [round(x, 2) for x in load_before],
@@ -769,6 +804,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--epoch", type=int, default=5, help="epoch of the measured steps (KD warm-up factor epoch/20)")
     p.add_argument("--beta", type=float, default=6.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=None,
+                   help="time a 2048^2 float32 matmul before and after each mode (cpu_sgemm_gflops): the "
+                        "machine's speed at the time; default on for CPU runs")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                    help="with --mode all, run each mode in a fresh process, so that no mode inherits another's "
                         "allocator state (a forward-only loop is ~15%% faster after a training loop has run in "
@@ -824,7 +862,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                        device=str(dev), threads=args.threads, num_workers=args.num_workers,
                        pin_memory=pin, augment=args.augment, student=args.student, teacher=args.teacher,
                        num_teachers=args.num_teachers, epoch=args.epoch, beta=args.beta, seed=args.seed,
-                       dataset=dataset)
+                       dataset=dataset, probe_cpu=args.probe)
         print(json.dumps(rec), flush=True)
         records.append(rec)
     return records

@@ -36,7 +36,7 @@ def test_every_mode_runs_and_prints_one_json_line():
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     # One thread: this is a correctness check, and a 2-thread OpenMP team crawls on a loaded 2-core box.
     cmd = [sys.executable, str(SCRIPT), "--mode", "all", "--batch", "8", "--steps", "2", "--warmup", "0",
-           "--data", "synthetic", "--synthetic-size", "24", "--threads", "1", "--no-isolate"]
+           "--data", "synthetic", "--synthetic-size", "24", "--threads", "1", "--no-isolate", "--no-probe"]
     out = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
