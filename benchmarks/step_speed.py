@@ -87,9 +87,10 @@ def time_fn(fn, args_fn, steps: int, warmup: int):
     return first, 1e3 * dispatched, 1e3 * total / steps
 
 
-def bench_variant(config, ds, teachers, *, name, batch, dtype, features, execution, steps, warmup):
+def bench_variant(config, ds, teachers, *, name, batch, dtype, features, execution, steps, warmup, seeds=1):
     c = config.copy_and_resolve_references()
     c.unlock()
+    c.num_seeds = seeds
     c.batch_size = batch
     c.dtype = dtype
     c.distill.features = features
@@ -132,6 +133,8 @@ def bench_variant(config, ds, teachers, *, name, batch, dtype, features, executi
         "name": name, "config": c.student.model if name == "student_ce" else f"{c.teachers.num}x{c.teachers.model}->"
         f"{c.student.model}", "method": c.distill.method, "batch": batch, "dtype": dtype,
         "features": bool(features) if name not in ("teacher_forward", "student_ce") else None,
+        "num_seeds": seeds if name != "teacher_forward" else None,
+        "winograd": {"student": bool(c.student.winograd), "teachers": bool(c.teachers.winograd)},
         "teachers_execution": setup.teacher_execution if name != "student_ce" else None,
         "img_per_s": round(batch / ms * 1e3, 1), "ms_per_step": round(ms, 2), "dispatch_ms": round(dispatch_ms, 2),
         "steps": steps, "compile_and_first_s": round(first, 2), "device": str(jax.devices()[0].device_kind),
@@ -151,6 +154,12 @@ def main(argv=None) -> int:
                         "student_ce")
     p.add_argument("--width", type=float, default=None, help="override student and teacher width (CI: tiny)")
     p.add_argument("--teachers", type=int, default=None, help="override the number of teachers")
+    p.add_argument("--student", default=None, help="override the student model")
+    p.add_argument("--teacher", default=None, help="override the teacher model")
+    p.add_argument("--seeds", type=int, nargs="*", default=None,
+                   help="students trained in one graph (config.num_seeds); several values sweep, e.g. 1 3")
+    p.add_argument("--winograd", action="store_true",
+                   help="Winograd F(2x2,3x3) for the small-map 3x3 convolutions of student and teachers")
     p.add_argument("--dataset-size", type=int, default=4096, help="images resident on the device")
     args = p.parse_args(argv)
 
@@ -159,6 +168,12 @@ def main(argv=None) -> int:
         config.student.width = config.teachers.width = args.width
     if args.teachers is not None:
         config.teachers.num = args.teachers
+    if args.student is not None:
+        config.student.model = args.student
+    if args.teacher is not None:
+        config.teachers.model = args.teacher
+    config.student.winograd = config.teachers.winograd = bool(args.winograd)
+    seeds_list = args.seeds or [config.num_seeds]
     batches = args.batch or [64, 256, 1024]
     dtypes = args.dtype or ["float32", "bfloat16"]
     variants = args.variants or ["demkd_loop", "demkd_vmap", "demkd_logits_loop", "demkd_logits_vmap",
@@ -176,9 +191,11 @@ def main(argv=None) -> int:
             for v in variants:
                 name, _, execution = v.rpartition("_") if v.endswith(("_loop", "_vmap")) else (v, "", "auto")
                 features = name == "demkd"
-                record = bench_variant(config, ds, teachers, name=name, batch=batch, dtype=dtype, features=features,
-                                       execution=execution, steps=args.steps, warmup=args.warmup)
-                print(json.dumps(record), flush=True)
+                for seeds in seeds_list if name != "teacher_forward" else seeds_list[:1]:
+                    record = bench_variant(config, ds, teachers, name=name, batch=batch, dtype=dtype,
+                                           features=features, execution=execution, steps=args.steps,
+                                           warmup=args.warmup, seeds=seeds)
+                    print(json.dumps(record), flush=True)
     return 0
 
 

@@ -48,13 +48,15 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = data_lib.default_data_config()
 
-    c.student = ml_collections.ConfigDict({"model": "vgg8", "width": 1.0})
+    # winograd: 3x3 convolutions of small maps as Winograd F(2x2, 3x3) (models/winograd.py); same parameters.
+    c.student = ml_collections.ConfigDict({"model": "vgg8", "width": 1.0, "winograd": False})
 
     c.teachers = ml_collections.ConfigDict()
     c.teachers.model = ""  # "" = read from the checkpoints; otherwise checked against them
     c.teachers.checkpoints = ()  # directories written by the teacher trainer or demkd_jax.convert
     c.teachers.execution = "auto"  # K teacher forwards: vmap, loop, or auto (by backend)
     c.teachers.fold_bn = True  # fold frozen teachers' BatchNorm into their convolutions
+    c.teachers.winograd = False
     # When no checkpoints are given: train `num` teachers first (in <workdir>/teachers), then distil.
     c.teachers.num = 3
     c.teachers.width = 1.0

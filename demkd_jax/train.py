@@ -397,6 +397,7 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.num_seeds = 1
     c.student.model = t.model
     c.student.width = t.width
+    c.student.winograd = t.winograd
     c.teachers.checkpoints = ()
     c.seed = config.seed + 1000
     if t.num_epochs > 0:
@@ -459,11 +460,12 @@ def build_setup(config, ds, teachers: Teachers | None) -> Setup:
     method = config.distill.method
     n_train = ds.train_images.shape[0]
     spe = n_train // config.batch_size
-    student = models.create_model(config.student.model, ds.num_classes, dtype, width=config.student.width)
+    student = models.create_model(config.student.model, ds.num_classes, dtype, width=config.student.width,
+                                  winograd=config.student.winograd)
     teacher = None
     if teachers is not None:
         teacher = models.create_model(teachers.model_name, ds.num_classes, dtype, width=teachers.width,
-                                      fold_bn=teachers.folded)
+                                      fold_bn=teachers.folded, winograd=config.teachers.winograd)
     num_teachers = 0 if teachers is None else jax.tree_util.tree_leaves(teachers.variables)[0].shape[0]
     feature_index = connector = None
     if config_lib.uses_features(config):

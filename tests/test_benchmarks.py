@@ -53,3 +53,16 @@ def test_steps_are_dispatched_asynchronously():
     if total < 0.05:
         pytest.skip(f"steps too fast on this machine to tell dispatch from execution ({total * 1e3:.1f} ms)")
     assert dispatched < 0.5 * total, f"dispatch {dispatched * 1e3:.1f} ms vs total {total * 1e3:.1f} ms"
+
+
+def test_step_speed_seed_sweep_and_overrides():
+    cmd = [sys.executable, str(REPO / "benchmarks" / "step_speed.py"), "--config", str(REPO / "configs" / "vgg8.py"),
+           "--student", "resnet8", "--teacher", "resnet8", "--batch", "8", "--dtype", "float32", "--width", "0.25",
+           "--steps", "2", "--warmup", "1", "--dataset-size", "64", "--variants", "student_ce", "--seeds", "1", "2",
+           "--winograd"]
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [(r["config"], r["num_seeds"]) for r in records] == [("resnet8", 1), ("resnet8", 2)]
+    assert all(r["winograd"] == {"student": True, "teachers": True} for r in records)

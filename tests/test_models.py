@@ -13,6 +13,7 @@ from demkd_jax.models import (
     create_model,
     fold_batchnorm,
     init_variables,
+    winograd,
 )
 
 SPEC_FEATURES = {  # SPEC.md section 6 (NHWC, batch dropped)
@@ -138,3 +139,41 @@ def test_width_multiplier_shrinks_channels():
     _, feats = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 32, 32, 3)), train=False), variables)
     assert feats[-2].shape == (1, 4, 4, 64)
     assert count_params(variables["params"]) < PARAM_COUNTS["vgg8"] / 50
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 8, 16), (1, 5, 7, 3, 4), (3, 8, 8, 16, 8)])
+def test_winograd_conv3x3_matches_direct_convolution_and_its_gradient(shape):
+    n, h, w, cin, cout = shape
+    kx, kk = jax.random.split(jax.random.PRNGKey(sum(shape)))
+    x = jax.random.normal(kx, (n, h, w, cin))
+    kernel = jax.random.normal(kk, (3, 3, cin, cout)) / 3
+
+    def direct(x, k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            precision=jax.lax.Precision.HIGHEST)
+
+    def wino(x, k):
+        return winograd.conv3x3(x, k, precision=jax.lax.Precision.HIGHEST)
+
+    out = jax.jit(wino)(x, kernel)
+    chex.assert_shape(out, (n, h, w, cout))
+    np.testing.assert_allclose(out, direct(x, kernel), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))
+    gx, gk = jax.jit(jax.grad(loss(wino), argnums=(0, 1)))(x, kernel)
+    rx, rk = jax.grad(loss(direct), argnums=(0, 1))(x, kernel)
+    np.testing.assert_allclose(gx, rx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gk, rk, rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_model_has_the_same_parameters_and_outputs():
+    direct = create_model("resnet8", num_classes=10, width=0.5, fold_bn=True)
+    wino = create_model("resnet8", num_classes=10, width=0.5, fold_bn=True, winograd=True)
+    variables = jax.jit(lambda r: init_variables(direct, r))(jax.random.PRNGKey(0))
+    chex.assert_trees_all_equal_shapes(variables, jax.eval_shape(lambda: init_variables(wino, jax.random.PRNGKey(0))))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    logits, feats = jax.jit(lambda v, x: direct.apply(v, x, train=False))(variables, x)
+    w_logits, w_feats = jax.jit(lambda v, x: wino.apply(v, x, train=False))(variables, x)
+    np.testing.assert_allclose(w_logits, logits, rtol=1e-4, atol=1e-4)
+    for a, b in zip(w_feats, feats):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
