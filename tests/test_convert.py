@@ -282,6 +282,45 @@ def test_cli_round_trip_through_teacher_checkpoint(resnet8, images, tmp_path, ca
     chex.assert_trees_all_equal(checkpoint.load_teacher(tmp_path / "t3")[0], variables)
 
 
+def test_distillation_runs_on_converted_teachers(make_config, tmp_path):
+    """convert -> teacher checkpoints -> a DE-MKD config that names them: the trainer loads them through the
+    same restore path as its own teachers, reports the accuracies the PyTorch models have on the same test
+    images, and never changes them while distilling."""
+    from demkd_jax import data as data_lib
+    from demkd_jax import train
+
+    torch_models_ = [randomized_torch_model("resnet8", seed=10 + k, num_classes=10) for k in range(3)]
+    dirs = []
+    for k, tm in enumerate(torch_models_):
+        pth = tmp_path / f"t{k}.pth"
+        torch.save({"model": tm.state_dict()}, pth)
+        out = tmp_path / f"teacher_{k}"
+        assert convert.main(["--torch", str(pth), "--model", "resnet8", "--out", str(out), "--num-classes", "10",
+                             "--no-check"]) == 0
+        dirs.append(str(out))
+    before = [checkpoint.load_teacher(d)[0] for d in dirs]
+
+    config = make_config(**{"distill.method": "demkd", "distill.features": True, "distill.warmup_epochs": 1,
+                            "distill.feature_start_epoch": 1, "teachers.checkpoints": tuple(dirs),
+                            "teachers.model": "resnet8", "num_epochs": 1})
+    summary = train.train_and_evaluate(config, str(tmp_path / "student"))
+
+    ds = data_lib.load_dataset(config.data)
+    x = ((ds.test_images / 255.0 - ds.mean) / ds.std).astype(np.float32)
+    probs = []
+    expected = []
+    for tm in torch_models_:
+        logits, _ = torch_forward(tm, x)
+        expected.append(round(100.0 * float(np.mean(logits.argmax(-1) == ds.test_labels)), 2))
+        probs.append(torch.softmax(torch.from_numpy(logits), -1).numpy())
+    ensemble = round(100.0 * float(np.mean(np.mean(probs, 0).argmax(-1) == ds.test_labels)), 2)
+    assert summary["teachers"]["test_acc"] == expected
+    assert summary["teachers"]["ensemble_test_acc"] == ensemble
+    assert np.isfinite(summary["final_test_acc"]).all()
+    for d, v in zip(dirs, before):
+        chex.assert_trees_all_equal(checkpoint.load_teacher(d)[0], v)
+
+
 def test_cli_errors_are_one_line_exit_2(resnet8, tmp_path, capsys):
     _, sd = resnet8
     pth = tmp_path / "resnet8.pth"
