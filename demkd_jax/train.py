@@ -657,8 +657,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_step = jit_train_step(setup)
     permutation = epoch_permutation_fn(config, n_train, setup.replicated)
     best = max((r["test_acc"] for r in history), default=float("-inf"))
-    epoch_acc = history[-1]["test_acc_per_replica"] if history else None
-    skipped = 0
     mesh_info = parallel.describe(mesh, config)
     if start_step == 0:
         log(f"{method}: {config.student.model} x {replicas} on {ds.name} ({n_train} train / {n_test} test), "
@@ -688,7 +686,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 bar.update(1)
             if len(pending) >= config.log_every_steps or step == epoch_end:
                 fetched = jax.device_get(pending)  # the only host sync inside an epoch
-                skipped += check_finite(step - len(fetched), fetched, config.on_nonfinite)
+                check_finite(step - len(fetched), fetched, config.on_nonfinite)
                 for m in fetched:
                     if int(m["nonfinite"]):
                         sums["nonfinite"] = sums.get("nonfinite", 0.0) + np.asarray(m["nonfinite"], np.float64)
