@@ -134,7 +134,8 @@ def bench_variant(config, ds, teachers, *, name, batch, dtype, features, executi
         f"{c.student.model}", "method": c.distill.method, "batch": batch, "dtype": dtype,
         "features": bool(features) if name not in ("teacher_forward", "student_ce") else None,
         "num_seeds": seeds if name != "teacher_forward" else None,
-        "winograd": {"student": bool(c.student.winograd), "teachers": bool(c.teachers.winograd)},
+        "winograd": {"student": train.resolve_winograd(c.student.winograd, dtype),
+                     "teachers": train.resolve_winograd(c.teachers.winograd, dtype)},
         "teachers_execution": setup.teacher_execution if name != "student_ce" else None,
         "img_per_s": round(batch / ms * 1e3, 1), "ms_per_step": round(ms, 2), "dispatch_ms": round(dispatch_ms, 2),
         "steps": steps, "compile_and_first_s": round(first, 2), "device": str(jax.devices()[0].device_kind),
@@ -158,8 +159,9 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", default=None, help="override the teacher model")
     p.add_argument("--seeds", type=int, nargs="*", default=None,
                    help="students trained in one graph (config.num_seeds); several values sweep, e.g. 1 3")
-    p.add_argument("--winograd", action="store_true",
-                   help="Winograd F(2x2,3x3) for the small-map 3x3 convolutions of student and teachers")
+    p.add_argument("--winograd", choices=("auto", "on", "off"), default=None,
+                   help="Winograd F(2x2,3x3) for the small-map 3x3 convolutions of student and teachers "
+                        "(default: the config's, i.e. teachers 'auto', student 'off')")
     p.add_argument("--dataset-size", type=int, default=4096, help="images resident on the device")
     args = p.parse_args(argv)
 
@@ -172,7 +174,8 @@ def main(argv=None) -> int:
         config.student.model = args.student
     if args.teacher is not None:
         config.teachers.model = args.teacher
-    config.student.winograd = config.teachers.winograd = bool(args.winograd)
+    if args.winograd is not None:
+        config.student.winograd = config.teachers.winograd = args.winograd
     seeds_list = args.seeds or [config.num_seeds]
     batches = args.batch or [64, 256, 1024]
     dtypes = args.dtype or ["float32", "bfloat16"]

@@ -59,7 +59,7 @@ def test_step_speed_seed_sweep_and_overrides():
     cmd = [sys.executable, str(REPO / "benchmarks" / "step_speed.py"), "--config", str(REPO / "configs" / "vgg8.py"),
            "--student", "resnet8", "--teacher", "resnet8", "--batch", "8", "--dtype", "float32", "--width", "0.25",
            "--steps", "2", "--warmup", "1", "--dataset-size", "64", "--variants", "student_ce", "--seeds", "1", "2",
-           "--winograd"]
+           "--winograd", "on"]
     env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -322,6 +322,8 @@ BAD_INPUTS = [
     BadInput("unknown_dtype", lambda ctx: {"dtype": "float8"}, ("unknown dtype 'float8'", "expected one of")),
     BadInput("unknown_nonfinite_policy", lambda ctx: {"on_nonfinite": "ignore"},
              ("unknown config.on_nonfinite 'ignore'", "expected one of stop, skip")),
+    BadInput("unknown_winograd_mode", lambda ctx: {"teachers.winograd": "yes"},
+             ("unknown config.teachers.winograd 'yes'", "expected one of auto, on, off")),
     BadInput("keep_no_checkpoints", lambda ctx: {"checkpoint.keep_last": 0},
              ("config.checkpoint.keep_last must be a positive integer, got 0",)),
     BadInput("unwritable_workdir", _chmod_readonly, ("is not writable",)),
