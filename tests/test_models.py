@@ -167,11 +167,15 @@ def test_winograd_conv3x3_matches_direct_convolution_and_its_gradient(shape):
 
 
 def test_winograd_model_has_the_same_parameters_and_outputs():
-    direct = create_model("resnet8", num_classes=10, width=0.5, fold_bn=True)
-    wino = create_model("resnet8", num_classes=10, width=0.5, fold_bn=True, winograd=True)
+    # vgg8 at width 0.5: the convolutions of the two 4x4 stages (128 -> 256 and 256 -> 256 channels) are the
+    # Winograd layers; the larger maps and the 64-channel input of the first 4x4 stage stay direct.
+    direct = create_model("vgg8", num_classes=10, width=0.5, fold_bn=True)
+    wino = create_model("vgg8", num_classes=10, width=0.5, fold_bn=True, winograd=True)
     variables = jax.jit(lambda r: init_variables(direct, r))(jax.random.PRNGKey(0))
     chex.assert_trees_all_equal_shapes(variables, jax.eval_shape(lambda: init_variables(wino, jax.random.PRNGKey(0))))
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    convs = lambda m: str(jax.make_jaxpr(lambda v, x: m.apply(v, x, train=False))(variables, x)).count("conv_general")
+    assert convs(wino) == convs(direct) - 2
     logits, feats = jax.jit(lambda v, x: direct.apply(v, x, train=False))(variables, x)
     w_logits, w_feats = jax.jit(lambda v, x: wino.apply(v, x, train=False))(variables, x)
     np.testing.assert_allclose(w_logits, logits, rtol=1e-4, atol=1e-4)

@@ -74,17 +74,20 @@ def conv3x3(x: jax.Array, kernel: jax.Array, *, precision=None) -> jax.Array:
     return out[:, :h, :w]
 
 
-# Feature maps up to this size use Winograd when enabled: measured on CPU, the transforms cost more than
-# the saved multiplications on larger maps (see benchmarks/README.md).
+# Winograd applies to maps of at most MAX_SIZE with at least MIN_CHANNELS input channels: on the 2-core CPU
+# the transforms cost more than the saved multiplications on larger maps, and with fewer channels the
+# 16 small matrix products run far from the GEMM peak (no gain for the 16-64-channel CIFAR ResNets).
 MAX_SIZE = 8
+MIN_CHANNELS = 128
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: Winograd where it applies.
 
-    Applies to a 3x3 kernel, stride 1, padding 1, no dilation or groups, NHWC/HWIO, and maps of at most
-    :data:`MAX_SIZE`; everything else goes to ``lax.conv_general_dilated`` unchanged.
+    Applies to a 3x3 kernel, stride 1, padding 1, no dilation or groups, NHWC/HWIO, maps of at most
+    :data:`MAX_SIZE` and at least :data:`MIN_CHANNELS` input channels; everything else goes to
+    ``lax.conv_general_dilated`` unchanged.
     """
     eligible = (
         rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
@@ -92,7 +95,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
         and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
         and feature_group_count == 1 and not kwargs
-        and max(lhs.shape[1:3]) <= MAX_SIZE
+        and max(lhs.shape[1:3]) <= MAX_SIZE and rhs.shape[2] >= MIN_CHANNELS
         and dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
         and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)
     )
