@@ -213,13 +213,18 @@ def check_teacher_dirs(
         if not (pathlib.Path(d) / TEACHER_VARIABLES / "_METADATA").is_file():
             raise CheckpointError(f"{where} is incomplete: {TEACHER_META} is there but its {TEACHER_VARIABLES}/ "
                                   "(the Orbax arrays) is missing or partial; convert or train it again")
+    require_one_architecture(dirs, metas)
+    return metas
+
+
+def require_one_architecture(dirs, metas: list[dict[str, Any]]) -> None:
+    """Teachers are stacked on one axis: raises :class:`CheckpointError` naming each if their models differ."""
     archs = {(m["model"], float(m.get("width", 1.0))) for m in metas}
     if len(archs) > 1:
         found = ", ".join(f"{os.path.basename(os.path.normpath(str(d)))!r}: {m['model']} (width {m.get('width', 1.0)})"
                           for d, m in zip(dirs, metas))
         raise CheckpointError(f"mixed teacher architectures ({found}); the teachers are stacked on one axis and must "
                               "share one architecture")
-    return metas
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -220,10 +220,7 @@ def validate(config, *, workdir: str | None = None) -> None:
                 _fail(f"config.distill.hint_layer must be an integer feature index, got {d.hint_layer!r}")
             for who, name, width in (("student", config.student.model, config.student.width),
                                      ("teacher", teacher_model, teacher_width)):
-                n_maps = num_feature_maps(name, width)
-                if not (0 <= d.hint_layer < n_maps or -n_maps - 1 <= d.hint_layer <= -2):
-                    _fail(f"config.distill.hint_layer={d.hint_layer} is out of range for the {who} {name!r}: it has "
-                          f"{n_maps} feature maps, expected an index in 0..{n_maps - 1} (or {-n_maps - 1}..-2)")
+                check_feature_index(d.hint_layer, who, name, num_feature_maps(name, width))
 
     problem = parallel.config_problem(config)  # config.mesh, config.distributed, batch sizes vs devices
     if problem:
@@ -241,6 +238,13 @@ def validate_data(config, ds: data_lib.Dataset) -> None:
               f"{ds.name}); expected at most {n_train}")
     if config.distill.method != "ce" and config.teachers.checkpoints:
         ckpt_lib.check_teacher_dirs(tuple(config.teachers.checkpoints), num_classes=ds.num_classes)
+
+
+def check_feature_index(index: int, who: str, model_name: str, n_maps: int) -> None:
+    """``index`` must pick one of the ``n_maps`` feature maps (the pooled vector, index -1, is not a map)."""
+    if not (0 <= index < n_maps or -n_maps - 1 <= index <= -2):
+        _fail(f"config.distill.hint_layer={index} is out of range for the {who} {model_name!r}: it has "
+              f"{n_maps} feature maps, expected an index in 0..{n_maps - 1} (or {-n_maps - 1}..-2)")
 
 
 def num_feature_maps(model_name: str, width: float = 1.0) -> int:

@@ -423,14 +423,11 @@ def load_teachers(config, dirs, num_classes: int) -> tuple[str, float, Params, l
     """Restores and checks the teachers; returns (model name, width, variables stacked on axis 0, metadata)."""
     expected = config.teachers.model or None
     loaded = [ckpt_lib.load_teacher(d, model_name=expected, num_classes=num_classes) for d in dirs]
-    archs = {(meta["model"], float(meta.get("width", 1.0))) for _, meta in loaded}
-    if len(archs) > 1:
-        found = ", ".join(f"{str(d)!r}: {m['model']} (width {m.get('width', 1.0)})" for d, (_, m) in zip(dirs, loaded))
-        raise config_lib.ConfigError(
-            f"mixed teacher architectures ({found}); the teachers are stacked on one axis and must share one")
-    (name, width), = archs
+    metas = [m for _, m in loaded]
+    ckpt_lib.require_one_architecture(dirs, metas)
+    name, width = metas[0]["model"], float(metas[0].get("width", 1.0))
     stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[v for v, _ in loaded])
-    return name, width, stacked, [m for _, m in loaded]
+    return name, width, stacked, metas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -484,11 +481,9 @@ def build_setup(config, ds, teachers: Teachers | None) -> Setup:
                                                          x0, train=False)[1])
         t_feats = jax.eval_shape(lambda: teacher.apply(jax.tree_util.tree_map(lambda a: a[0], teachers.variables),
                                                          x0, train=False)[1])
-        for name, feats in (("student", s_feats), ("teacher", t_feats)):
-            if not -len(feats) <= feature_index < len(feats) - 1:
-                raise config_lib.ConfigError(
-                    f"config.distill.hint_layer={feature_index} is out of range for the {name}'s "
-                    f"{len(feats) - 1} feature maps")
+        for who, name, feats in (("student", config.student.model, s_feats),
+                                 ("teacher", teachers.model_name, t_feats)):
+            config_lib.check_feature_index(feature_index, who, name, len(feats) - 1)
         t_shape = t_feats[feature_index].shape
         connector = losses.StackedConnector(num_teachers=num_teachers, out_channels=t_shape[-1],
                                             out_size=t_shape[1], dtype=dtype)
@@ -550,17 +545,15 @@ class NonFiniteError(FloatingPointError):
     """A loss or gradient became NaN/Inf; nothing non-finite was saved."""
 
 
-def check_finite(step0: int, metrics: list[dict], policy: str) -> int:
+def check_finite(step0: int, metrics: list[dict], policy: str) -> None:
     """Inspects fetched per-step metrics; raises (policy 'stop') naming the first bad step and loss term.
 
-    ``metrics[i]`` belongs to step ``step0 + i + 1`` (steps counted from 1). Returns how many steps were
-    non-finite (and, in-graph, left the state unchanged).
+    ``metrics[i]`` belongs to step ``step0 + i + 1`` (steps counted from 1). With policy 'skip' it does nothing:
+    a non-finite step left the state unchanged in-graph and is counted in the epoch's ``skipped_steps``.
     """
-    skipped = 0
     for i, m in enumerate(metrics):
         if int(m["nonfinite"]) == 0:
             continue
-        skipped += 1
         if policy == "stop":
             terms = [k for k in ("ce", "logit", "feature", "hint") if k in m and not np.isfinite(m[k])]
             if terms:
@@ -576,7 +569,6 @@ def check_finite(step0: int, metrics: list[dict], policy: str) -> int:
             raise NonFiniteError(
                 f"non-finite {what} at step {step0 + i + 1}; the run stopped before saving it, the last checkpoint "
                 f"is intact ({values}). Lower the learning rate, or set config.on_nonfinite='skip' to drop such steps")
-    return skipped
 
 
 # ----------------------------------------------------------------------------------------------------------
