@@ -17,10 +17,16 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import pathlib
 import platform
 import sys
 import time
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +37,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from demkd_jax import data as data_lib  # noqa: E402
+from demkd_jax import hostmem  # noqa: E402
 from demkd_jax import models, train  # noqa: E402
 
 
@@ -69,8 +76,13 @@ def random_teachers(config, num_classes: int) -> train.Teachers:
     return train.Teachers(t.model, t.width, stacked, (), bool(t.fold_bn))
 
 
+def page_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` does not exist)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
 def time_fn(fn, args_fn, steps: int, warmup: int):
-    """Returns (compile+first-call seconds, dispatch ms for `steps` calls, ms per step)."""
+    """Returns (compile+first-call seconds, dispatch ms for `steps` calls, ms per step, page faults per step)."""
     t0 = time.perf_counter()
     out = fn(*args_fn())
     jax.block_until_ready(out)
@@ -78,13 +90,14 @@ def time_fn(fn, args_fn, steps: int, warmup: int):
     for _ in range(warmup):
         out = fn(*args_fn(out))
     jax.block_until_ready(out)
+    faults = page_faults()
     t0 = time.perf_counter()
     for _ in range(steps):
         out = fn(*args_fn(out))
     dispatched = time.perf_counter() - t0
     jax.block_until_ready(out)
     total = time.perf_counter() - t0
-    return first, 1e3 * dispatched, 1e3 * total / steps
+    return first, 1e3 * dispatched, 1e3 * total / steps, (page_faults() - faults) / steps
 
 
 def bench_variant(config, ds, teachers, *, name, batch, dtype, features, execution, steps, warmup, seeds=1):
@@ -128,7 +141,7 @@ def bench_variant(config, ds, teachers, *, name, batch, dtype, features, executi
                 holder["state"] = out[0]
             return holder["state"], teacher_vars, images, labels, perm
 
-    first, dispatch_ms, ms = time_fn(fn, args, steps, warmup)
+    first, dispatch_ms, ms, faults = time_fn(fn, args, steps, warmup)
     return {
         "name": name, "config": c.student.model if name == "student_ce" else f"{c.teachers.num}x{c.teachers.model}->"
         f"{c.student.model}", "method": c.distill.method, "batch": batch, "dtype": dtype,
@@ -140,6 +153,7 @@ def bench_variant(config, ds, teachers, *, name, batch, dtype, features, executi
         "img_per_s": round(batch / ms * 1e3, 1), "ms_per_step": round(ms, 2), "dispatch_ms": round(dispatch_ms, 2),
         "steps": steps, "compile_and_first_s": round(first, 2), "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(), "jax_version": jax.__version__,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "page_faults_per_step": round(faults),
     }
 
 
@@ -149,7 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="*", default=None, help="default: 64 256 1024")
     p.add_argument("--dtype", nargs="*", default=None, help="default: float32 bfloat16")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=6,
+                   help="untimed steps first")
     p.add_argument("--variants", nargs="*", default=None,
                    help="subset of: demkd_loop demkd_vmap demkd_logits_loop demkd_logits_vmap teacher_forward "
                         "student_ce")
@@ -203,4 +218,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_tunables()
     sys.exit(main())

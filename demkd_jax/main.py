@@ -12,6 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from demkd_jax import hostmem
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and summary.json.")
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file with get_config().", lock_config=True)
@@ -68,4 +70,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_tunables()
     app.run(main, flags_parser=parse_flags)

@@ -25,6 +25,7 @@ import jax
 import ml_collections
 
 from demkd_jax import config as config_lib
+from demkd_jax import hostmem
 from demkd_jax import train
 
 # Student variants of the table: (label, method, use the feature term).
@@ -235,4 +236,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_tunables()
     sys.exit(main())
