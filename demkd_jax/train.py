@@ -404,8 +404,7 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.num_seeds = 1
     c.student.model = t.model
     c.student.width = t.width
-    # "auto" is for the frozen teachers' forward; training measured no gain from Winograd.
-    c.student.winograd = "on" if t.winograd == "on" else "off"
+    c.student.winograd = t.winograd
     c.teachers.checkpoints = ()
     c.seed = config.seed + 1000
     if t.num_epochs > 0:

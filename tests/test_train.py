@@ -216,12 +216,12 @@ def test_cli_runs_the_demo_pipeline(tmp_path):
     assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr
 
 
-def test_winograd_auto_is_cpu_float32_teachers_only(make_config):
+def test_winograd_auto_is_cpu_float32_and_teacher_training_follows_the_teachers(make_config):
     assert train.resolve_winograd("auto", jnp.float32) == (jax.default_backend() == "cpu")
     assert not train.resolve_winograd("auto", jnp.bfloat16)
     assert train.resolve_winograd("on", jnp.bfloat16) and not train.resolve_winograd("off", jnp.float32)
-    config = make_config(**{"teachers.model": "resnet8", "teachers.winograd": "auto"})
-    # Teacher training ("auto" targets the frozen forward) keeps the direct convolution unless asked.
-    assert train.teacher_config(config).student.winograd == "off"
-    config.teachers.winograd = "on"
-    assert train.teacher_config(config).student.winograd == "on"
+    config = make_config(**{"teachers.model": "resnet8"})
+    assert config.student.winograd == config.teachers.winograd == "auto"
+    for mode in ("auto", "on", "off"):
+        config.teachers.winograd = mode
+        assert train.teacher_config(config).student.winograd == mode

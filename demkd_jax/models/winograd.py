@@ -3,9 +3,9 @@
 Each 2x2 output tile is computed from a 4x4 input tile with 16 multiplications per channel pair
 instead of 36: the input tiles are transformed (``B^T d B``), multiplied with the transformed kernel
 (``G g G^T``) as 16 batched matrix products over channels, and transformed back (``A^T m A``). XLA's CPU
-convolution already runs near the machine's peak, so the 2.25x fewer multiply-adds are the only way to
-go faster; the transforms are memory-bound elementwise passes, which makes the trade worth it only on
-small feature maps with many channels (the 4x4 and 8x8 stages of the CIFAR VGGs and ResNets). Results
+convolution runs at 50-100% of the 2-core machine's float32 peak, so the 2.25x fewer multiply-adds are the
+way to go faster; the transforms are memory-bound elementwise passes, which makes the trade worth it only
+on small maps with many channels (:func:`pays_off`). Results
 equal the direct convolution up to float rounding (about 1e-6 relative). The layout of the parameters
 is that of ``nn.Conv`` (an HWIO kernel), so checkpoints do not depend on the algorithm, and gradients
 flow through the same formulation (the backward pass is again batched matrix products).
@@ -74,19 +74,26 @@ def conv3x3(x: jax.Array, kernel: jax.Array, *, precision=None) -> jax.Array:
     return out[:, :h, :w]
 
 
-# Winograd applies to maps of at most MAX_SIZE with at least MIN_CHANNELS input channels: on the 2-core CPU
-# the transforms cost more than the saved multiplications on larger maps, and with fewer channels the
-# 16 small matrix products run far from the GEMM peak (no gain for the 16-64-channel CIFAR ResNets).
-MAX_SIZE = 8
+# Where Winograd pays on the 2-core CPU (per-layer timings, batch 64, forward and training step): 3x3 layers on
+# maps of at most SMALL_MAP with at least MIN_CHANNELS input channels. With fewer channels the 16 small matrix
+# products run far from the GEMM peak; on larger maps the memory-bound transforms cost about what they save
+# (with 64+ channels on 16x16 and 32x32 maps a layer alone gains 10-25% once host memory uses huge pages, see
+# demkd_jax.hostmem, but the whole DE-MKD step measured no gain: 752 vs 756 ms).
+SMALL_MAP = 8
 MIN_CHANNELS = 128
+
+
+def pays_off(height: int, width: int, in_channels: int) -> bool:
+    """Whether a 3x3 stride-1 convolution of this input map goes faster as Winograd F(2x2, 3x3)."""
+    return max(height, width) <= SMALL_MAP and in_channels >= MIN_CHANNELS
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: Winograd where it applies.
 
-    Applies to a 3x3 kernel, stride 1, padding 1, no dilation or groups, NHWC/HWIO, maps of at most
-    :data:`MAX_SIZE` and at least :data:`MIN_CHANNELS` input channels; everything else goes to
+    Applies to a 3x3 kernel, stride 1, padding 1, no dilation or groups, NHWC/HWIO, where
+    :func:`pays_off`; everything else goes to
     ``lax.conv_general_dilated`` unchanged.
     """
     eligible = (
@@ -95,7 +102,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
         and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
         and feature_group_count == 1 and not kwargs
-        and max(lhs.shape[1:3]) <= MAX_SIZE and rhs.shape[2] >= MIN_CHANNELS
+        and pays_off(lhs.shape[1], lhs.shape[2], rhs.shape[2])
         and dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
         and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)
     )
