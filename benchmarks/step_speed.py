@@ -163,8 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="*", default=None, help="default: 64 256 1024")
     p.add_argument("--dtype", nargs="*", default=None, help="default: float32 bfloat16")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=6,
-                   help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=6, help="untimed steps first")
     p.add_argument("--variants", nargs="*", default=None,
                    help="subset of: demkd_loop demkd_vmap demkd_logits_loop demkd_logits_vmap teacher_forward "
                         "student_ce")

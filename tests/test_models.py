@@ -168,7 +168,7 @@ def test_winograd_conv3x3_matches_direct_convolution_and_its_gradient(shape):
 
 def test_winograd_model_has_the_same_parameters_and_outputs():
     # vgg8 at width 0.5: the convolutions of the two 4x4 stages (128 -> 256 and 256 -> 256 channels) are the
-    # Winograd layers; the larger maps and the 64-channel input of the first 4x4 stage stay direct.
+    # Winograd layers; the 32x32 and 16x16 maps and the 8x8 stage (64 input channels) stay direct.
     direct = create_model("vgg8", num_classes=10, width=0.5, fold_bn=True)
     wino = create_model("vgg8", num_classes=10, width=0.5, fold_bn=True, winograd=True)
     variables = jax.jit(lambda r: init_variables(direct, r))(jax.random.PRNGKey(0))

@@ -5,8 +5,8 @@ instead of 36: the input tiles are transformed (``B^T d B``), multiplied with th
 (``G g G^T``) as 16 batched matrix products over channels, and transformed back (``A^T m A``). XLA's CPU
 convolution runs at 50-100% of the 2-core machine's float32 peak, so the 2.25x fewer multiply-adds are the
 way to go faster; the transforms are memory-bound elementwise passes, which makes the trade worth it only
-on small maps with many channels (:func:`pays_off`). Results
-equal the direct convolution up to float rounding (about 1e-6 relative). The layout of the parameters
+on small maps with many channels (:func:`pays_off`). Results equal the direct convolution up to float
+rounding (about 1e-6 relative). The layout of the parameters
 is that of ``nn.Conv`` (an HWIO kernel), so checkpoints do not depend on the algorithm, and gradients
 flow through the same formulation (the backward pass is again batched matrix products).
 """
@@ -92,9 +92,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: Winograd where it applies.
 
-    Applies to a 3x3 kernel, stride 1, padding 1, no dilation or groups, NHWC/HWIO, where
-    :func:`pays_off`; everything else goes to
-    ``lax.conv_general_dilated`` unchanged.
+    Applies to a 3x3 kernel, stride 1, padding 1, no dilation or groups, NHWC/HWIO, where :func:`pays_off`;
+    everything else goes to ``lax.conv_general_dilated`` unchanged.
     """
     eligible = (
         rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
