@@ -17,6 +17,17 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("DEMKD_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+def repo_env(base: dict | None = None, **extra: str) -> dict:
+    """Environment for a subprocess that must import this checkout's demkd_jax, pip-installed or not.
+
+    ``base`` (default ``os.environ``) with the repository prepended to PYTHONPATH, then ``extra``.
+    """
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return env
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
     """../shared/data (real CIFAR); tests that need it skip where it is absent."""

@@ -1,17 +1,16 @@
 """Host-memory tunables: when they apply, the entry points' re-execution, and their effect on page faults."""
 
 import os
-import pathlib
 import platform
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from conftest import repo_env
 
 from demkd_jax import hostmem
 
-REPO = str(pathlib.Path(__file__).resolve().parents[1])
 APPLIES = hostmem.tunables_apply({})
 needs_tunables = pytest.mark.skipif(
     not APPLIES, reason=f"needs Linux, glibc >= 2.35 and transparent huge pages; here {platform.system()}, "
@@ -37,9 +36,8 @@ def _run(script, tmp_path, *args, **env):
     path = tmp_path / "entry.py"
     path.write_text(textwrap.dedent(script))
     environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}
-    environ["PYTHONPATH"] = os.pathsep.join([REPO, *filter(None, [environ.get("PYTHONPATH")])])
     return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, check=True,
-                          env={**environ, **env}).stdout
+                          env=repo_env(environ, **env)).stdout
 
 
 ENTRY = """

@@ -13,6 +13,7 @@ import pathlib
 import time
 
 import pytest
+from conftest import repo_env
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -41,12 +42,9 @@ def execute(name: str, parameters: dict, workdir: pathlib.Path, cpu_devices: int
     cell = parameters_cell(nb)
     injected = "".join(f"{k} = {v!r}\n" for k, v in parameters.items())
     cell.source += "\n# Injected by tests/test_notebooks.py:\n" + injected
-    env = {**os.environ,
-           # The checkout's demkd_jax even where it is not pip-installed (CI installs it; either works).
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
-           "JAX_PLATFORMS": "cpu", "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-           "PYDEVD_DISABLE_FILE_VALIDATION": "1",
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={cpu_devices}"}
+    env = repo_env(JAX_PLATFORMS="cpu", MPLBACKEND="module://matplotlib_inline.backend_inline",
+                   PYDEVD_DISABLE_FILE_VALIDATION="1",
+                   XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={cpu_devices}")
     if os.environ.get("DEMKD_TEST_OPTIMIZE", "0") != "1":  # as tests/conftest.py: compile time dominates
         env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
     client = nbclient.NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",

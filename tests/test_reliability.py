@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import TINY_CLASSES, TINY_OVERRIDES, write_tiny_npz
+from conftest import TINY_CLASSES, TINY_OVERRIDES, repo_env, write_tiny_npz
 
 from demkd_jax import checkpoint as ckpt_lib
 from demkd_jax import config as config_lib
@@ -35,7 +35,6 @@ from demkd_jax import models, train
 # retrieves; pytest would report them as unraisable-exception warnings.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SPE = 6  # steps per epoch of the tiny run
 INPUT_ERRORS = (config_lib.ConfigError, ckpt_lib.CheckpointError, data_lib.DataError)
 
@@ -118,8 +117,7 @@ def garbage_bytes(step_dir: pathlib.Path) -> str:
 
 
 def subprocess_env(jax_cache: pathlib.Path | None = None, **extra: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "JAX_DISABLE_MOST_OPTIMIZATIONS": "true", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    env = repo_env(JAX_DISABLE_MOST_OPTIMIZATIONS="true", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     if jax_cache is not None:  # restarts load the compiled step instead of compiling it again
         env.update(JAX_COMPILATION_CACHE_DIR=str(jax_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")

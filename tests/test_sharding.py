@@ -10,7 +10,6 @@ row-sharded, and once more resuming on 8 devices from a checkpoint written on 1 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import repo_env
 
 from demkd_jax import checkpoint as ckpt_lib
 from demkd_jax import config as config_lib
@@ -93,9 +93,8 @@ def eight_devices(tiny_inputs):
                     "batch_12_on_4": {"batch_size": 12, "mesh.num_devices": 4}},
     }
     (root / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "JAX_DISABLE_MOST_OPTIMIZATIONS": "true",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env = repo_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+                   JAX_DISABLE_MOST_OPTIMIZATIONS="true")
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "sharding_worker.py"), str(root / "spec.json"),
                            str(out)], capture_output=True, text=True, timeout=900, env=env, cwd=root)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -287,9 +286,8 @@ def _launch(root, spec: dict, name: str, processes: int, devices_per_process: in
     out = root / name
     out.mkdir()
     (out / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
-           "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "true",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env = repo_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}", JAX_PLATFORMS="cpu",
+                   JAX_DISABLE_MOST_OPTIMIZATIONS="true")
     for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(key, None)
     if processes > 1:

@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ torch = pytest.importorskip("torch")
 import jax.numpy as jnp  # noqa: E402
 
 from demkd_jax import losses  # noqa: E402
-from tests.conftest import REPO_ROOT  # noqa: E402
+from conftest import REPO_ROOT, repo_env  # noqa: E402
 
 SCRIPT = REPO_ROOT / "benchmarks" / "torch_reference.py"
 
@@ -33,7 +32,7 @@ REQUIRED_KEYS = {"name", "batch", "dtype", "features", "img_per_s", "ms_per_step
 
 
 def test_every_mode_runs_and_prints_one_json_line():
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = repo_env()
     # One thread: this is a correctness check, and a 2-thread OpenMP team crawls on a loaded 2-core box.
     cmd = [sys.executable, str(SCRIPT), "--mode", "all", "--batch", "8", "--steps", "2", "--warmup", "0",
            "--data", "synthetic", "--synthetic-size", "24", "--threads", "1", "--no-isolate", "--no-probe"]

@@ -1,6 +1,5 @@
 """The trainer: teacher ensembles, one step of every method, loss wiring, no recompiles, exact resume, eval."""
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from demkd_jax import config as config_lib
 from demkd_jax import data as data_lib
 from demkd_jax import models, train
 from conftest import TINY_CLASSES as NUM_CLASSES
-from conftest import TINY_OVERRIDES, apply_overrides
+from conftest import TINY_OVERRIDES, apply_overrides, repo_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -205,8 +204,7 @@ def test_cli_runs_the_demo_pipeline(tmp_path):
            "--workdir", str(tmp_path / "demo"), "--config.num_epochs=1", "--config.teachers.num_epochs=1",
            "--config.teachers.num=2", "--config.teachers.model=resnet8", "--config.progress_bar=False",
            f"--config.data.cache_dir={tmp_path / 'cache'}"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
+    env = repo_env(JAX_DISABLE_MOST_OPTIMIZATIONS="true")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "summary:" in out.stdout and (tmp_path / "demo" / "summary.json").is_file()
