@@ -66,3 +66,16 @@ def test_step_speed_seed_sweep_and_overrides():
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [(r["config"], r["num_seeds"]) for r in records] == [("resnet8", 1), ("resnet8", 2)]
     assert all(r["winograd"] == {"student": True, "teachers": True} for r in records)
+
+
+def test_conv_layers_tiny():
+    cmd = [sys.executable, str(REPO / "benchmarks" / "conv_layers.py"), "--batch", "2", "--repeats", "1",
+           "--layers", "8x16x16", "4x128x8"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [(r["hw"], r["cin"], r["cout"]) for r in records] == [(8, 16, 16), (4, 128, 8)]
+    assert [r["winograd_default"] for r in records] == [False, True]
+    for r in records:
+        assert {"xla_direct", "xla_winograd"} <= set(r["ms"]) and all(v > 0 for v in r["gflops"].values())
