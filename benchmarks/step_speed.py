@@ -175,7 +175,7 @@ def main(argv=None) -> int:
                    help="students trained in one graph (config.num_seeds); several values sweep, e.g. 1 3")
     p.add_argument("--winograd", choices=("auto", "on", "off"), default=None,
                    help="Winograd F(2x2,3x3) for the small-map 3x3 convolutions of student and teachers "
-                        "(default: the config's, i.e. teachers 'auto', student 'off')")
+                        "(default: the config's, 'auto' for both: on for CPU float32)")
     p.add_argument("--dataset-size", type=int, default=4096, help="images resident on the device")
     args = p.parse_args(argv)
 

@@ -68,6 +68,58 @@ def test_step_speed_seed_sweep_and_overrides():
     assert all(r["winograd"] == {"student": True, "teachers": True} for r in records)
 
 
+def _load_gpu_session():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_session
+    finally:
+        sys.path.pop(0)
+    return gpu_session
+
+
+def test_gpu_session_stops_a_phase_at_its_time_limit(tmp_path):
+    gs = _load_gpu_session()
+    script = "import sys, time; print('{\"a\": 1}', flush=True); print('to the log', file=sys.stderr, flush=True); " \
+             "time.sleep(60)"
+    t0 = time.monotonic()
+    result = gs.run_logged([sys.executable, "-c", script], tmp_path / "log", 3, tmp_path / "out.jsonl")
+    assert time.monotonic() - t0 < 30
+    assert result["timed_out"] and result["rc"] is None
+    assert gs.read_jsonl(tmp_path / "out.jsonl") == [{"a": 1}]
+    assert "to the log" in (tmp_path / "log").read_text()
+    ok = gs.run_logged([sys.executable, "-c", "print('{\"b\": 2}')"], tmp_path / "log", 60, tmp_path / "out.jsonl")
+    assert ok == {**ok, "rc": 0, "timed_out": False}
+    assert gs.read_jsonl(tmp_path / "out.jsonl") == [{"a": 1}, {"b": 2}]
+
+
+def test_gpu_session_summary_ratio_and_projection():
+    gs = _load_gpu_session()
+    step = [{"name": "demkd", "features": True, "batch": 64, "dtype": "float32", "num_seeds": 1, "img_per_s": 900.0,
+             "ms_per_step": 71.1, "teachers_execution": "loop", "device": "H100", "jax_version": "x"},
+            {"name": "demkd", "features": True, "batch": 64, "dtype": "float32", "num_seeds": 1, "img_per_s": 1200.0,
+             "ms_per_step": 53.3, "teachers_execution": "vmap", "device": "H100", "jax_version": "x"},
+            {"name": "demkd", "features": False, "batch": 64, "dtype": "float32", "img_per_s": 5000.0},
+            {"name": "demkd", "features": True, "batch": 1024, "dtype": "bfloat16", "num_seeds": 1,
+             "img_per_s": 20000.0, "ms_per_step": 51.2, "teachers_execution": "vmap"},
+            {"name": "teacher_forward", "batch": 64, "dtype": "float32", "img_per_s": 9000.0}]
+    torch_rows = [{"mode": "demkd", "img_per_s": 200.0, "ms_per_step": 320.0},
+                  {"mode": "demkd_logits", "img_per_s": 250.0}]
+    student = [{"epoch": 1, "epoch_time_s": 40.0, "test_acc": 10.0, "best_test_acc": 10.0, "img_per_s": 1250},
+               {"epoch": 2, "epoch_time_s": 10.0, "test_acc": 20.0, "best_test_acc": 20.0, "img_per_s": 5000},
+               {"epoch": 3, "epoch_time_s": 12.0, "test_acc": 19.0, "best_test_acc": 20.0, "img_per_s": 4166}]
+    s = gs.summarize(step, torch_rows, student, [{"epoch": 1, "epoch_time_s": 30.0, "test_acc": 5.0}])
+    assert s["jax_demkd_b64_f32"]["img_per_s"] == 1200.0 and s["jax_demkd_b64_f32"]["teachers_execution"] == "vmap"
+    assert s["ratio_jax_to_torch"] == 6.0
+    assert s["jax_best_any_batch"]["batch"] == 1024
+    st = s["recipe_student"]
+    assert st["epochs_done"] == 3 and st["epoch_time_s_median"] == 11.0  # the compiling first epoch left out
+    assert st["projected_total_min"] == 44.0 and st["best_test_acc"] == 20.0
+    assert s["recipe_teachers"]["epochs_done"] == 1
+    assert gs.summarize(step, torch_rows, [], [], width=0.125)["ratio_jax_to_torch"] is None  # other models
+    empty = gs.summarize([], [], [], [])
+    assert empty["ratio_jax_to_torch"] is None and empty["recipe_student"] is None
+
+
 def test_conv_layers_tiny():
     cmd = [sys.executable, str(REPO / "benchmarks" / "conv_layers.py"), "--batch", "2", "--repeats", "1",
            "--layers", "8x16x16", "4x128x8"]
