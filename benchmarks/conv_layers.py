@@ -28,9 +28,10 @@ if str(REPO) not in sys.path:
 from demkd_jax import hostmem  # noqa: E402
 from demkd_jax.models import winograd  # noqa: E402
 
-# (map size, C_in, C_out) of the 3x3 convolutions in vgg13 (and vgg8: a subset) on 32x32 inputs.
+# (map size, C_in, C_out) of the 3x3 convolutions in vgg13 (and vgg8: a subset) on 32x32 inputs; the last two
+# stages both run at 4x4 (no fourth pooling at this input size).
 VGG_LAYERS = ((32, 3, 64), (32, 64, 64), (16, 64, 128), (16, 128, 128), (8, 128, 256), (8, 256, 256),
-              (4, 256, 512), (4, 512, 512), (2, 512, 512))
+              (4, 256, 512), (4, 512, 512))
 DN = ("NHWC", "HWIO", "NHWC")
 
 
