@@ -139,9 +139,10 @@ def main(argv=None) -> int:
     p.add_argument("--pack-script", default=".gpu/cifar100_pack.py")
     p.add_argument("--workdir", default="/tmp/demkd_recipe", help="the recipe's run (resumed if present)")
     p.add_argument("--budget", type=float, default=540, help="seconds for all phases together")
-    p.add_argument("--speed-seconds", type=float, default=200)
-    p.add_argument("--torch-seconds", type=float, default=90)
-    p.add_argument("--teacher-epochs", type=int, default=10)
+    p.add_argument("--speed-seconds", type=float, default=240, help="both step_speed runs together")
+    p.add_argument("--torch-seconds", type=float, default=90, help="both PyTorch modes together")
+    p.add_argument("--teacher-epochs", type=int, default=5,
+                   help="enough to time the teachers; the student's epoch time is what the 240-epoch goal needs")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (a CPU dry run: 0.125)")
     p.add_argument("--torch-steps", type=int, default=50)
     args = p.parse_args(argv)
