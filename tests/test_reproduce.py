@@ -7,7 +7,7 @@ from conftest import TINY_CLASSES as NUM_CLASSES
 
 
 def test_reproduce_tiny(tiny_data, tmp_path, capsys):
-    argv = ["--pair", "resnet14-resnet8", "--workdir", str(tmp_path / "repro"), "--epochs", "1", "--width", "0.25",
+    argv = ["--pair", "resnet8-resnet8", "--workdir", str(tmp_path / "repro"), "--epochs", "1", "--width", "0.25",
             "--teachers", "2", "--seeds", "2", "--batch-size", "16", "--methods", "CE,AVER,DE-MKD",
             "--data-source", "npz", "--data-path", str(tiny_data), "--data-name", "tiny",
             "--num-classes", str(NUM_CLASSES), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
