@@ -76,9 +76,9 @@ def conv3x3(x: jax.Array, kernel: jax.Array, *, precision=None) -> jax.Array:
 
 # Where Winograd pays on the 2-core CPU (per-layer timings, batch 64, forward and training step): 3x3 layers on
 # maps of at most SMALL_MAP with at least MIN_CHANNELS input channels. With fewer channels the 16 small matrix
-# products run far from the GEMM peak; on larger maps the memory-bound transforms cost about what they save
-# (with 64+ channels on 16x16 and 32x32 maps a layer alone gains 10-25% once host memory uses huge pages, see
-# demkd_jax.hostmem, but the whole DE-MKD step measured no gain: 752 vs 756 ms).
+# products run far from the GEMM peak. The 64-channel layers on 16x16 and 32x32 maps go 1.45-1.6x faster alone
+# (benchmarks/conv_layers.py), but not inside a model: XLA fuses those stages' direct convolutions into one
+# YNNPACK subgraph that is already faster than the separate layers (whole DE-MKD step: 752 vs 756 ms).
 SMALL_MAP = 8
 MIN_CHANNELS = 128
 
