@@ -17,6 +17,16 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("DEMKD_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def repo_env(base: dict | None = None, **extra: str) -> dict:
     """Environment for a subprocess that must import this checkout's demkd_jax, pip-installed or not.
 

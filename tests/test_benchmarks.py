@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import load_benchmark
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 KEYS = {"name", "batch", "dtype", "features", "teachers_execution", "img_per_s", "ms_per_step", "device"}
@@ -68,17 +69,8 @@ def test_step_speed_seed_sweep_and_overrides():
     assert all(r["winograd"] == {"student": True, "teachers": True} for r in records)
 
 
-def _load_gpu_session():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import gpu_session
-    finally:
-        sys.path.pop(0)
-    return gpu_session
-
-
 def test_gpu_session_stops_a_phase_at_its_time_limit(tmp_path):
-    gs = _load_gpu_session()
+    gs = load_benchmark("gpu_session")
     script = "import sys, time; print('{\"a\": 1}', flush=True); print('to the log', file=sys.stderr, flush=True); " \
              "time.sleep(60)"
     t0 = time.monotonic()
@@ -93,7 +85,7 @@ def test_gpu_session_stops_a_phase_at_its_time_limit(tmp_path):
 
 
 def test_gpu_session_summary_ratio_and_projection():
-    gs = _load_gpu_session()
+    gs = load_benchmark("gpu_session")
     step = [{"name": "demkd", "features": True, "batch": 64, "dtype": "float32", "num_seeds": 1, "img_per_s": 900.0,
              "ms_per_step": 71.1, "teachers_execution": "loop", "device": "H100", "jax_version": "x"},
             {"name": "demkd", "features": True, "batch": 64, "dtype": "float32", "num_seeds": 1, "img_per_s": 1200.0,

@@ -1,6 +1,5 @@
 """The PyTorch reference benchmark (benchmarks/torch_reference.py): it runs, and it computes what demkd_jax does."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,19 +12,12 @@ torch = pytest.importorskip("torch")
 import jax.numpy as jnp  # noqa: E402
 
 from demkd_jax import losses  # noqa: E402
-from conftest import REPO_ROOT, repo_env  # noqa: E402
+from conftest import REPO_ROOT, load_benchmark, repo_env  # noqa: E402
 
 SCRIPT = REPO_ROOT / "benchmarks" / "torch_reference.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("torch_reference", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tr = _load()
+tr = load_benchmark("torch_reference")
 
 REQUIRED_KEYS = {"name", "batch", "dtype", "features", "img_per_s", "ms_per_step", "device", "threads",
                  "torch_version", "num_workers", "data"}
