@@ -151,7 +151,7 @@ def bench_variant(config, ds, teachers, *, name, batch, dtype, features, executi
                      "teachers": train.resolve_winograd(c.teachers.winograd, dtype)},
         "teachers_execution": setup.teacher_execution if name != "student_ce" else None,
         "img_per_s": round(batch / ms * 1e3, 1), "ms_per_step": round(ms, 2), "dispatch_ms": round(dispatch_ms, 2),
-        "steps": steps, "compile_and_first_s": round(first, 2), "device": str(jax.devices()[0].device_kind),
+        "image_size": int(ds.train_images.shape[1]), "steps": steps, "compile_and_first_s": round(first, 2), "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(), "jax_version": jax.__version__,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "page_faults_per_step": round(faults),
     }
@@ -177,6 +177,8 @@ def main(argv=None) -> int:
                    help="Winograd F(2x2,3x3) for the small-map 3x3 convolutions of student and teachers "
                         "(default: the config's, 'auto' for both: on for CPU float32)")
     p.add_argument("--dataset-size", type=int, default=4096, help="images resident on the device")
+    p.add_argument("--image-size", type=int, default=32,
+                   help="height = width of the random images (16: CIFAR mean-pooled by data.downsample=2)")
     args = p.parse_args(argv)
 
     config = load_config(args.config)
@@ -195,12 +197,15 @@ def main(argv=None) -> int:
     dtypes = args.dtype or ["float32", "bfloat16"]
     variants = args.variants or ["demkd_loop", "demkd_vmap", "demkd_logits_loop", "demkd_logits_vmap",
                                  "teacher_forward", "student_ce"]
+    if args.image_size != 32 and any(v.startswith("demkd_") and not v.startswith("demkd_logits") for v in variants):
+        p.error(f"--image-size {args.image_size}: the feature variants (demkd_loop, demkd_vmap) build their connectors "
+                "for 32x32 inputs (train.build_setup); pass --variants without them")
     print(f"# device: {jax.devices()[0].device_kind} x {jax.device_count()} ({jax.default_backend()}), "
           f"jax {jax.__version__}, {platform.processor() or platform.machine()}", file=sys.stderr, flush=True)
     num_classes = config.data.num_classes if config.data.num_classes > 0 else 100
     rng = np.random.default_rng(0)
     size = max(args.dataset_size, max(batches))
-    ds = FakeDataset(rng.integers(0, 256, (size, 32, 32, 3), dtype=np.uint8),
+    ds = FakeDataset(rng.integers(0, 256, (size, args.image_size, args.image_size, 3), dtype=np.uint8),
                      rng.integers(0, num_classes, size).astype(np.int32), num_classes)
     teachers = random_teachers(config, num_classes)
     for dtype in dtypes:

@@ -583,6 +583,34 @@ def test_normalization_choice(tmp_path, caplog):
     np.testing.assert_allclose(computed.mean, computed.train_images.reshape(-1, 3).mean(0) / 255, rtol=1e-6)
 
 
+def test_downsample_mean_pools_exactly_and_computes_stats_from_the_pooled_split(tmp_path, caplog):
+    want = write_npz(tmp_path / "toy", np.random.default_rng(14))
+    ds = load(tmp_path, source="npz", name="cifar100", num_classes=4, path=str(tmp_path / "toy"), downsample=2)
+    for split in ("train", "test"):
+        x = want[split]["image"].astype(np.float64)
+        n, h, w, c = x.shape
+        blocks = x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+        pooled = getattr(ds, f"{split}_images")
+        assert pooled.shape == (n, h // 2, w // 2, c) and pooled.dtype == np.uint8
+        np.testing.assert_array_equal(pooled, np.floor(blocks + 0.5).astype(np.uint8))  # nearest, halves up
+    # The name selects published statistics at full size only: pooled images have their own (smaller) std.
+    assert ds.stats_origin == "computed" and "selects the published mean" not in caplog.text
+    flat = ds.train_images.reshape(-1, 3).astype(np.float64) / 255
+    np.testing.assert_allclose(ds.mean, flat.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(ds.std, flat.std(0), rtol=1e-5)
+    full = load(tmp_path, source="npz", name="toy", num_classes=4, path=str(tmp_path / "toy"))
+    assert np.all(ds.std < full.std)
+    np.testing.assert_array_equal(data.loader.mean_pool(np.array([[[[1], [2]], [[2], [1]]]], np.uint8), 2), [[[[2]]]])
+    with raises(data.DataFormatError, "images are 32x32, not divisible by data.downsample=3"):
+        load(tmp_path, source="npz", name="toy", num_classes=4, path=str(tmp_path / "toy"), downsample=3)
+    with raises(data.DataConfigError, "data.downsample=0", "positive integer"):
+        load(tmp_path, source="npz", name="toy", num_classes=4, path=str(tmp_path / "toy"), downsample=0)
+    with raises(data.DataConfigError, "bad data config value", "downsample"):
+        data.load_dataset({"source": "npz", "path": str(tmp_path / "toy"), "downsample": 1.5})
+    with raises(data.DataConfigError, "data.crop_padding=-1", "non-negative integer"):
+        load(tmp_path, source="npz", name="toy", num_classes=4, path=str(tmp_path / "toy"), crop_padding=-1)
+
+
 # ------------------------------------------------------------------------------------------- pipeline
 
 MEAN = np.array([0.5071, 0.4867, 0.4408], np.float32)
