@@ -1,45 +1,91 @@
-"""The results table in one command: teachers, then every method on the same teachers.
+"""The results table in one command: teachers, then every method on the same teachers, with statistics.
 
+    python -m demkd_jax.reproduce --protocol configs/protocols/cifar100_16px_pilot.py --workdir runs/pilot
     python -m demkd_jax.reproduce --pair vgg13-vgg8 --workdir runs/repro_vgg8
-    python -m demkd_jax.reproduce --pair wrn_40_2-ShuffleV2 --workdir runs/repro_shufflev2
 
-trains K teachers of the pair's teacher architecture in one compiled step (or reuses them), then a
-student with each method — CE (no teacher), single-teacher KD and DKD (teacher 0), AVER, EBKD, CA-MKD,
-DE-MKD on logits, DE-MKD with the feature term — each with ``--seeds`` independently initialised
-students in one graph, and writes ``results.md`` and ``results.json`` in the workdir. Every piece is a
-``train_and_evaluate`` run in its own sub-directory: a rerun skips finished pieces and resumes an
-interrupted one. ``--epochs``, ``--teacher-epochs``, ``--width`` and the data flags scale it down
-(e.g. the CI test runs it on a few hundred images for one epoch).
+A *protocol* (a Python file whose ``get_config()`` returns one; see configs/protocols/) fixes the data, the
+teachers (architecture, count, epochs, seed), the students (architecture, epochs, students per graph, data
+seeds), the schedule, the methods, and the comparisons decided on. ``--pair`` builds the lineage's protocol
+for a teacher-student pair: 240 epochs scaled by ``--epochs``, CE, KD, DKD, AVER, EBKD, CA-MKD, DE-MKD
+logits-only and DE-MKD.
+
+The K teachers train in one compiled step (or are reused); then every method trains ``students.seeds``
+independently initialised students in one graph, once per data seed (``config.seed``: the data order, the
+augmentation and the students' initialisation). Student ``r`` of data seed ``d`` is one *matched pair*
+across methods: same data order, same initial weights.
+
+``results.md`` and ``results.json`` in the workdir give, per method, the final-epoch top-1 (the primary
+metric) as mean ± std with a 95 % t-interval over all its students, the best-over-epochs top-1 (it selects
+on the test set: reported, never decided on), and the paired difference to every other method over the
+matched pairs. The protocol's primary method (DE-MKD) is compared with each of its baselines by the paired
+difference with a t-interval, Holm-corrected over those comparisons, and a verdict: "wins" if the lower
+bound is > 0, "does not win" if the upper bound is < the protocol's margin (+0.3 points), else
+"undecided". A positive control (single-teacher DKD against KD) must win at 95 %. With matplotlib installed,
+``accuracy.png`` (test top-1 per epoch, mean and min-max band over the students) and ``teacher_weights.png``
+(the mean weight of each teacher per epoch, where a method weights its teachers unequally) are written too.
+
+Every piece is a ``train_and_evaluate`` run in its own sub-directory (``teachers``, ``<method>/seed_<d>``):
+a rerun skips finished pieces and resumes an interrupted one from its checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
+import os
 import pathlib
+import platform
 import sys
 import time
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from demkd_jax import config as config_lib
 from demkd_jax import hostmem
+from demkd_jax import stats
 from demkd_jax import train
 
-# Student variants of the table: (label, method, use the feature term).
-VARIANTS = (
-    ("CE", "ce", False),
-    ("KD", "kd", False),
-    ("DKD", "dkd", False),
-    ("AVER", "aver", False),
-    ("EBKD", "ebkd", False),
-    ("CA-MKD", "camkd", True),
-    ("DE-MKD (logits)", "demkd", False),
-    ("DE-MKD", "demkd", True),
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row of the table: a label, the trainer's ``distill.method`` and the config keys it sets."""
+
+    label: str
+    method: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+VARIANTS: dict[str, Variant] = {
+    "ce": Variant("CE", "ce"),
+    "kd": Variant("KD (teacher 0)", "kd"),
+    "dkd": Variant("DKD (teacher 0)", "dkd"),
+    "aver": Variant("AVER", "aver"),
+    "ebkd": Variant("EBKD", "ebkd"),
+    "camkd": Variant("CA-MKD", "camkd", (("distill.features", True),)),
+    "fitnet_mkd": Variant("FitNet-MKD", "fitnet_mkd"),
+    "dkd_uniform": Variant("DKD (uniform weights)", "demkd",
+                           (("distill.features", False), ("distill.weights", "uniform"))),
+    "demkd_logits": Variant("DE-MKD (logits)", "demkd", (("distill.features", False),)),
+    "demkd": Variant("DE-MKD", "demkd", (("distill.features", True),)),
+    # The feature and logit terms averaged over the teachers as CA-MKD's code does (its extra 1/K).
+    "demkd_mean": Variant("DE-MKD (1/K reduction)", "demkd",
+                          (("distill.features", True), ("distill.teacher_reduction", "mean"))),
+}
+# What each pair of variants isolates (the first minus the second).
+COMPONENTS = (
+    ("dkd_uniform", "aver", "decoupling (DKD vs KD, uniform weights)"),
+    ("demkd_logits", "dkd_uniform", "entropy weights (logits only)"),
+    ("demkd", "demkd_logits", "feature term"),
+    ("demkd_mean", "demkd", "teacher reduction (1/K vs sum)"),
 )
+PAIR_METHODS = ("ce", "kd", "dkd", "aver", "ebkd", "camkd", "demkd_logits", "demkd")
 SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # SPEC: lr 0.01
+LINEAGE_DECAY = (150, 180, 210)  # of 240 epochs
 
 
 def spec_beta(teacher: str, student: str) -> float:
@@ -54,60 +100,189 @@ def spec_beta(teacher: str, student: str) -> float:
     return 8.0
 
 
-def slug(label: str) -> str:
-    return label.lower().replace(" ", "").replace("(", "_").replace(")", "").replace("-", "")
+def scaled_decay(epochs: int) -> tuple[int, ...]:
+    """The lineage's decay epochs (150, 180, 210 of 240) scaled to ``epochs``."""
+    return tuple(max(1, round(e * epochs / 240)) for e in LINEAGE_DECAY)
 
 
-def base_for(args) -> ml_collections.ConfigDict:
+def scaled_warmup(warmup: int, epochs: int) -> int:
+    """A ``warmup``-of-240-epoch KD warm-up scaled to ``epochs``, at least 2.
+
+    The trainer weights the KD term by ``min(epoch / warmup_epochs, 1)`` with 1-based epochs (as mdistiller
+    does), so ``warmup_epochs = 1`` is no warm-up at all; 2 is the shortest one (epoch 1 at half weight).
+    """
+    return max(2, round(warmup * epochs / 240))
+
+
+# --------------------------------------------------------------------------------------------- protocols
+
+
+def load_protocol(path: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of a protocol file."""
+    if not os.path.isfile(path):
+        raise config_lib.ConfigError(f"protocol file {path!r} does not exist (--protocol)")
+    spec = importlib.util.spec_from_file_location("demkd_protocol", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise config_lib.ConfigError(f"protocol file {path!r} has no get_config()")
+    return module.get_config()
+
+
+def check_protocol(p: ml_collections.ConfigDict) -> None:
+    """The protocol's own consistency: known methods, comparisons among them, seeds (no config built yet)."""
+    unknown = [m for m in p.methods if m not in VARIANTS]
+    if unknown:
+        raise config_lib.ConfigError(f"protocol {p.name!r}: unknown method(s) {unknown}; expected names from "
+                                     f"{', '.join(VARIANTS)}")
+    if len(set(p.methods)) != len(p.methods):
+        raise config_lib.ConfigError(f"protocol {p.name!r}: methods {tuple(p.methods)} repeat a name")
+    named = [p.primary, *p.baselines, *p.positive_control]
+    missing = [m for m in named if m and m not in p.methods]
+    if missing:
+        raise config_lib.ConfigError(f"protocol {p.name!r}: primary/baselines/positive_control name {missing}, "
+                                     "which are not in its methods")
+    if p.positive_control and len(p.positive_control) != 2:
+        raise config_lib.ConfigError(f"protocol {p.name!r}: positive_control must be (method, control) or (), got "
+                                     f"{tuple(p.positive_control)}")
+    s = p.students
+    if not (s.seeds >= 1 and s.data_seeds and len(set(s.data_seeds)) == len(s.data_seeds)):
+        raise config_lib.ConfigError(f"protocol {p.name!r}: students need seeds >= 1 and distinct data_seeds, got "
+                                     f"seeds={s.seeds}, data_seeds={tuple(s.data_seeds)}")
+
+
+def protocol_template() -> ml_collections.ConfigDict:
+    """Every field of a protocol, with the lineage's defaults; protocol files start from it.
+
+    ``teachers.overrides``/``students.overrides``: ``(("dotted.config.key", value), ...)`` set on every teacher
+    or student config. ``students.warmup_epochs``: the KD warm-up of the methods that have one (-1: each
+    method's default). ``gates``: -1 turns a gate off.
+    """
+    p = ml_collections.ConfigDict()
+    p.name = ""
+    p.description = ""
+    p.data = ml_collections.ConfigDict({"source": "tfds", "name": "cifar100", "path": "", "num_classes": 100})
+    p.batch_size = 64
+    p.dtype = "float32"
+    p.teachers = ml_collections.ConfigDict({
+        "model": "", "num": 3, "epochs": 240, "width": 1.0, "learning_rate": 0.05, "lr_decay_epochs": LINEAGE_DECAY,
+        "seed": 1000, "overrides": ()})
+    p.students = ml_collections.ConfigDict({
+        "model": "", "epochs": 240, "width": 1.0, "seeds": 1, "data_seeds": (0,), "learning_rate": 0.05,
+        "lr_decay_epochs": LINEAGE_DECAY, "warmup_epochs": -1, "beta": 8.0, "overrides": ()})
+    p.methods = PAIR_METHODS
+    p.primary = "demkd"  # compared with each baseline (Holm-corrected)
+    p.baselines = ("kd", "dkd", "aver", "ebkd", "camkd")
+    p.positive_control = ("dkd", "kd")  # the first must beat the second
+    p.margin = 0.3  # "does not win": the upper bound of the difference is below this many points
+    p.confidence = 0.95
+    p.gates = ml_collections.ConfigDict({"distill_over_ce": -1.0, "ensemble_over_best": -1.0})
+    return p
+
+
+def pair_protocol(args) -> ml_collections.ConfigDict:
+    """The lineage's protocol for ``--pair TEACHER-STUDENT`` and the scaling flags."""
     teacher, student = args.pair.split("-", 1)
+    p = protocol_template()
+    p.name = args.pair
+    p.description = (f"{args.pair}: the lineage's 240-epoch recipe" +
+                     ("" if args.epochs == 240 else f", scaled to {args.epochs} epochs"))
+    p.data.update({"source": args.data_source, "name": args.data_name, "path": args.data_path,
+                   "num_classes": args.num_classes})
+    p.batch_size = args.batch_size
+    p.dtype = args.dtype
+    t_epochs = args.teacher_epochs if args.teacher_epochs > 0 else args.epochs
+    p.teachers.update({"model": teacher, "num": args.teachers, "epochs": t_epochs, "width": args.width,
+                       "lr_decay_epochs": LINEAGE_DECAY if t_epochs == 240 else scaled_decay(t_epochs),
+                       "seed": args.seed + 1000})
+    p.students.update({
+        "model": student, "epochs": args.epochs, "width": args.width, "seeds": args.seeds,
+        "data_seeds": (args.seed,), "learning_rate": 0.01 if student in SMALL_LR_STUDENTS else 0.05,
+        "lr_decay_epochs": LINEAGE_DECAY if args.epochs == 240 else scaled_decay(args.epochs),
+        "warmup_epochs": scaled_warmup(20, args.epochs) if args.scale_warmup else -1,
+        "beta": spec_beta(teacher, student)})
+    return p
+
+
+def _set(config: ml_collections.ConfigDict, key: str, value: Any, who: str) -> None:
+    """``config[a][b] = value`` for ``key = "a.b"``; a key this version lacks is one clear error."""
+    target = config
+    *path, leaf = key.split(".")
+    for part in path:
+        if part not in target:
+            target = None
+            break
+        target = target[part]
+    if target is None or leaf not in target:
+        raise config_lib.ConfigError(f"{who} sets config key {key!r}, which this version of demkd_jax does not have")
+    target[leaf] = value
+
+
+def base_for(p: ml_collections.ConfigDict, args) -> ml_collections.ConfigDict:
     c = config_lib.base_config()
-    c.data.source = args.data_source
-    c.data.name = args.data_name
-    c.data.path = args.data_path
-    c.data.num_classes = args.num_classes
+    for key, value in p.data.items():
+        _set(c, f"data.{key}", value, f"protocol {p.name!r} data")
+    if args.data_path:
+        c.data.path = args.data_path
     if args.cache_dir:
         c.data.cache_dir = args.cache_dir
-    c.student.model = student
-    c.student.width = args.width
-    c.teachers.model = teacher
-    c.teachers.num = args.teachers
-    c.teachers.width = args.width
-    c.num_epochs = args.epochs
-    c.batch_size = args.batch_size
-    c.dtype = args.dtype
-    c.num_seeds = args.seeds
-    c.seed = args.seed
+    c.batch_size = p.batch_size
+    c.dtype = p.dtype
     c.progress_bar = args.progress
-    c.distill.beta = spec_beta(teacher, student)
-    c.optim.learning_rate = 0.01 if student in SMALL_LR_STUDENTS else 0.05
-    if args.epochs != 240:  # the lineage's decay epochs, scaled to the shortened schedule
-        c.optim.lr_decay_epochs = tuple(max(1, round(e * args.epochs / 240)) for e in (150, 180, 210))
     return c
 
 
-def teacher_run_config(args) -> ml_collections.ConfigDict:
-    c = train.teacher_config(base_for(args))
-    c.optim.learning_rate = 0.05  # teachers keep the default recipe whatever the student's lr
-    epochs = args.teacher_epochs if args.teacher_epochs > 0 else args.epochs
-    c.num_epochs = epochs
-    if epochs != 240:
-        c.optim.lr_decay_epochs = tuple(max(1, round(e * epochs / 240)) for e in (150, 180, 210))
+def teacher_run_config(p: ml_collections.ConfigDict, args) -> ml_collections.ConfigDict:
+    t = p.teachers
+    c = base_for(p, args)
+    c.teachers.model, c.teachers.num, c.teachers.width = t.model, t.num, t.width
+    c = train.teacher_config(c)
+    c.seed = t.seed
+    c.num_epochs = t.epochs
+    c.optim.learning_rate = t.learning_rate
+    c.optim.lr_decay_epochs = tuple(t.lr_decay_epochs)
+    for key, value in t.overrides:
+        _set(c, key, value, f"protocol {p.name!r} teachers")
     return c
 
 
-def student_config(args, method: str, features: bool, teacher_dirs: list[str]) -> ml_collections.ConfigDict:
-    c = base_for(args)
-    c.distill.method = method
-    c.distill.features = features
-    if args.scale_warmup and config_lib.warmup_epochs(c) > 0:
-        c.distill.warmup_epochs = max(1, round(config_lib.warmup_epochs(c) * args.epochs / 240))
-    if method == "ce":
+def student_config(p: ml_collections.ConfigDict, args, name: str, data_seed: int,
+                   teacher_dirs: list[str]) -> ml_collections.ConfigDict:
+    s, variant = p.students, VARIANTS[name]
+    c = base_for(p, args)
+    c.student.model, c.student.width = s.model, s.width
+    c.num_epochs = s.epochs
+    c.num_seeds = s.seeds
+    c.seed = data_seed
+    c.optim.learning_rate = s.learning_rate
+    c.optim.lr_decay_epochs = tuple(s.lr_decay_epochs)
+    c.distill.beta = s.beta
+    c.distill.method = variant.method
+    for key, value in (*s.overrides, *variant.overrides):
+        _set(c, key, value, f"method {name!r} ({variant.label})")
+    if s.warmup_epochs >= 0 and config_lib.warmup_epochs(c) > 0:  # only methods that have a warm-up
+        c.distill.warmup_epochs = s.warmup_epochs
+    if variant.method == "ce":
         c.teachers.checkpoints = ()
         c.teachers.model = ""
     else:
-        c.teachers.checkpoints = tuple(teacher_dirs[:1] if method in config_lib.SINGLE_TEACHER_METHODS
+        c.teachers.model = p.teachers.model
+        c.teachers.checkpoints = tuple(teacher_dirs[:1] if variant.method in config_lib.SINGLE_TEACHER_METHODS
                                        else teacher_dirs)
     return c
+
+
+def _validate_student(p, args, name: str, placeholder: list[str]) -> None:
+    cfg = student_config(p, args, name, p.students.data_seeds[0], placeholder)
+    cfg.teachers.num = len(cfg.teachers.checkpoints)
+    cfg.teachers.checkpoints = ()  # the teacher dirs do not exist yet
+    try:
+        config_lib.validate(cfg)
+    except config_lib.ConfigError as e:
+        raise config_lib.ConfigError(f"method {name!r} ({VARIANTS[name].label}): {e}") from e
+
+
+# ------------------------------------------------------------------------------------------------- runs
 
 
 def _load_summary(workdir: pathlib.Path) -> dict | None:
@@ -115,109 +290,361 @@ def _load_summary(workdir: pathlib.Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run(args) -> dict[str, Any]:
+def _read_history(workdir: pathlib.Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if "test_acc_per_replica" in r]
+
+
+def selected_methods(p, wanted: list[str] | None) -> list[str]:
+    if wanted is None:
+        return list(p.methods)
+    by_label = {VARIANTS[m].label: m for m in p.methods}
+    unknown = [w for w in wanted if w not in p.methods and w not in by_label]
+    if unknown:
+        raise config_lib.ConfigError(f"--methods {unknown} are not in protocol {p.name!r}; expected some of "
+                                     f"{', '.join(p.methods)} (or their labels)")
+    return [m for m in p.methods if m in wanted or VARIANTS[m].label in wanted]
+
+
+def run(p: ml_collections.ConfigDict, args) -> dict[str, Any]:
+    check_protocol(p)
     root = pathlib.Path(args.workdir).absolute()
     root.mkdir(parents=True, exist_ok=True)
-    labels = [v for v in VARIANTS if args.methods is None or v[0] in args.methods or v[1] in args.methods]
-    # Validate every piece's config before any work.
-    teacher_cfg = teacher_run_config(args)
+    names = selected_methods(p, args.methods)
+    # Every piece's config is validated before any work.
+    teacher_cfg = teacher_run_config(p, args)
     config_lib.validate(teacher_cfg, workdir=str(root))
     t_dir = root / "teachers"
-    placeholder = [str(t_dir / f"teacher_{k}") for k in range(args.teachers)]
-    for label, method, features in labels:
-        cfg = student_config(args, method, features, placeholder)
-        cfg.teachers.num = len(cfg.teachers.checkpoints)
-        cfg.teachers.checkpoints = ()  # the teacher dirs do not exist yet
-        config_lib.validate(cfg)
+    placeholder = [str(t_dir / f"teacher_{k}") for k in range(p.teachers.num)]
+    for name in names:
+        _validate_student(p, args, name, placeholder)
+    plot = _plotting() if args.plots else None
+    if args.plots and plot is None:
+        print("warning: matplotlib is not installed: no plots (pip install matplotlib, or the '.[dev]' extra); "
+              "results.md and results.json are written", file=sys.stderr)
 
     t0 = time.time()
     t_summary = _load_summary(t_dir)
     if t_summary is None or "teacher_dirs" not in t_summary:
-        print(f"== teachers: {args.teachers} x {teacher_cfg.student.model}")
+        print(f"== teachers: {p.teachers.num} x {p.teachers.model}")
         t_summary = train.train_and_evaluate(teacher_cfg, str(t_dir))
     else:
         print(f"== teachers: reusing {t_dir}")
     teacher_dirs = t_summary["teacher_dirs"]
 
-    rows = []
-    for label, method, features in labels:
-        workdir = root / slug(label)
-        summary = _load_summary(workdir)
-        if summary is None:
-            print(f"== {label}")
-            summary = train.train_and_evaluate(student_config(args, method, features, teacher_dirs), str(workdir))
-        else:
-            print(f"== {label}: done, reusing {workdir}")
-        rows.append({**summary, "method": label, "config_method": method, "features": features})
+    methods = []
+    for name in names:
+        runs, weights, wall, speed = [], [], 0.0, []
+        for d in p.students.data_seeds:
+            workdir = root / name / f"seed_{d}"
+            summary = _load_summary(workdir)
+            if summary is None:
+                print(f"== {VARIANTS[name].label}, data seed {d}")
+                summary = train.train_and_evaluate(student_config(p, args, name, d, teacher_dirs), str(workdir))
+            else:
+                print(f"== {VARIANTS[name].label}, data seed {d}: done, reusing {workdir}")
+            history = _read_history(workdir)
+            for r, (final, best) in enumerate(zip(summary["final_test_acc"], summary["best_test_acc"])):
+                runs.append({"data_seed": d, "student_seed": r, "final_test_acc": final, "best_test_acc": best,
+                             "test_acc_per_epoch": [h["test_acc_per_replica"][r] for h in history]})
+            weights.append([h["train_teacher_weight"] for h in history if "train_teacher_weight" in h])
+            wall += summary["wall_time_s"]
+            speed.append(summary["img_per_s"])
+        methods.append(method_result(name, runs, weights, wall, float(np.median(speed)), p.confidence))
 
     results = {
-        "pair": args.pair, "epochs": args.epochs, "teacher_epochs": teacher_cfg.num_epochs, "width": args.width,
-        "seeds": args.seeds, "dataset": t_summary["dataset"],
-        "teachers": {"model": teacher_cfg.student.model, "test_acc": t_summary["final_test_acc"],
+        "protocol": p.to_dict(),
+        "command": " ".join(["python -m demkd_jax.reproduce", *sys.argv[1:]]) if args.record_command else "",
+        "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax_version": jax.__version__,
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "dataset": t_summary["dataset"],
+        "teachers": {"model": p.teachers.model, "epochs": p.teachers.epochs, "test_acc": t_summary["final_test_acc"],
                      "best_test_acc": t_summary["best_test_acc"], "ensemble_test_acc": t_summary["ensemble_test_acc"],
                      "wall_time_s": t_summary["wall_time_s"]},
-        "students": rows,
-        "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax_version": jax.__version__,
+        "methods": methods,
         "wall_time_s_this_invocation": round(time.time() - t0, 1),
-        "total_wall_time_s": round(t_summary["wall_time_s"] + sum(r["wall_time_s"] for r in rows), 1),
+        "total_wall_time_s": round(t_summary["wall_time_s"] + sum(m["wall_time_s"] for m in methods), 1),
     }
+    results.update(analyse(p, results["teachers"], methods))
     (root / "results.json").write_text(json.dumps(results, indent=2))
     (root / "results.md").write_text(results_markdown(results))
+    if plot is not None:
+        plot(results, root)
     print(results_markdown(results))
     return results
 
 
-def _pm(mean: float, std: float, n: int) -> str:
-    return f"{mean:.2f}" if n == 1 else f"{mean:.2f} ± {std:.2f}"
+def method_result(name: str, runs: list[dict], weights: list[list], wall: float, img_per_s: float,
+                  confidence: float) -> dict:
+    """One method's row: its runs, the final/best intervals, the accuracy curve and the teachers' weights."""
+    curves = np.array([r["test_acc_per_epoch"] for r in runs], np.float64)
+    mean_weights = np.mean(np.array(weights, np.float64), axis=0).tolist() if weights and weights[0] else []
+    return {
+        "name": name, "label": VARIANTS[name].label, "config_method": VARIANTS[name].method,
+        "overrides": dict(VARIANTS[name].overrides), "runs": runs,
+        "final": stats.t_interval([r["final_test_acc"] for r in runs], confidence).to_dict(),
+        "best": stats.t_interval([r["best_test_acc"] for r in runs], confidence).to_dict(),
+        "curve_mean": curves.mean(axis=0).round(3).tolist() if curves.size else [],
+        "curve_min": curves.min(axis=0).tolist() if curves.size else [],
+        "curve_max": curves.max(axis=0).tolist() if curves.size else [],
+        "teacher_weight_per_epoch": mean_weights,
+        "img_per_s": img_per_s, "wall_time_s": round(wall, 1),
+    }
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def _finals(method: dict) -> dict[tuple[int, int], float]:
+    return {(r["data_seed"], r["student_seed"]): r["final_test_acc"] for r in method["runs"]}
+
+
+def paired(a: dict, b: dict, confidence: float) -> dict:
+    """``a - b`` in final top-1 over the matched pairs: interval and two-sided p-value."""
+    d = stats.paired_differences(_finals(a), _finals(b))
+    if not d:
+        return {"a": a["name"], "b": b["name"], "n": 0, "mean": None, "low": None, "high": None, "p": None,
+                "confidence": confidence}
+    iv = stats.t_interval(d, confidence)
+    return {"a": a["name"], "b": b["name"], "n": iv.n, "mean": iv.mean, "low": iv.low, "high": iv.high,
+            "p": stats.paired_t_p_value(d), "confidence": confidence}
+
+
+def analyse(p: ml_collections.ConfigDict, teachers: dict, methods: list[dict]) -> dict:
+    """Pairwise differences, the Holm-corrected primary comparisons and their verdicts, control, gates."""
+    by_name = {m["name"]: m for m in methods}
+    conf = p.confidence
+    pairwise = [paired(a, b, conf) for i, a in enumerate(methods) for b in methods[i + 1:]]
+
+    comparisons = []
+    primary = by_name.get(p.primary)
+    family = [b for b in p.baselines if b in by_name and primary is not None]
+    if family:
+        raw = [paired(primary, by_name[b], conf) for b in family]
+        testable = [c for c in raw if c["p"] is not None]
+        adjusted, _, levels = stats.holm([c["p"] for c in testable], 1.0 - conf) if testable else ([], [], [])
+        holm_of = {c["b"]: (a, lvl) for c, a, lvl in zip(testable, adjusted, levels)}
+        for c in raw:
+            if c["b"] in holm_of:
+                p_holm, level = holm_of[c["b"]]
+                c = {**paired(primary, by_name[c["b"]], 1.0 - level), "p": c["p"], "p_holm": p_holm}
+            else:
+                c = {**c, "p_holm": None}
+            comparisons.append({**c, "verdict": stats.verdict(c["low"], c["high"], p.margin)})
+
+    control = None
+    if p.positive_control and all(m in by_name for m in p.positive_control):
+        control = paired(by_name[p.positive_control[0]], by_name[p.positive_control[1]], conf)
+        control["passes"] = control["low"] is not None and control["low"] > 0
+
+    components = [{**paired(by_name[a], by_name[b], conf), "isolates": what}
+                  for a, b, what in COMPONENTS if a in by_name and b in by_name]
+
+    gates = []
+    if p.gates.distill_over_ce >= 0 and "ce" in by_name:
+        ce = by_name["ce"]["final"]["mean"]
+        gains = {m["name"]: m["final"]["mean"] - ce for m in methods if m["name"] != "ce"}
+        gates.append({"gate": f"every distillation method beats CE by >= {p.gates.distill_over_ce} points (mean)",
+                      "values": gains, "passes": bool(gains) and min(gains.values()) >= p.gates.distill_over_ce})
+    if p.gates.ensemble_over_best >= 0 and teachers["ensemble_test_acc"] is not None:
+        gain = teachers["ensemble_test_acc"] - max(teachers["test_acc"])
+        gates.append({"gate": f"the teacher ensemble beats its best member by >= {p.gates.ensemble_over_best} points",
+                      "values": {"ensemble_minus_best": gain}, "passes": gain >= p.gates.ensemble_over_best})
+    return {"pairwise": pairwise, "comparisons": comparisons, "positive_control": control,
+            "components": components, "gates": gates}
+
+
+# --------------------------------------------------------------------------------------------- markdown
+
+
+def _f(x: float | None, digits: int = 2, sign: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _ci(low: float | None, high: float | None, sign: bool = False) -> str:
+    return "–" if low is None else f"[{_f(low, sign=sign)}, {_f(high, sign=sign)}]"
+
+
+def _p(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
 
 
 def results_markdown(r: dict) -> str:
-    t = r["teachers"]
-    n = r["seeds"]
+    p, t = r["protocol"], r["teachers"]
+    s = p["students"]
+    conf = round(100 * p["confidence"])
+    label = {m["name"]: m["label"] for m in r["methods"]}
     lines = [
-        f"# {r['pair']} on {r['dataset']}",
+        f"# {p['name']} on {r['dataset']}",
         "",
-        f"Teachers: {len(t['test_acc'])} x {t['model']}, final top-1 {', '.join(f'{a:.2f}' for a in t['test_acc'])}; "
-        f"ensemble {t['ensemble_test_acc']:.2f} ({r['teacher_epochs']} epochs, {t['wall_time_s']:.0f} s).",
-        f"Students: {r['epochs']} epochs, width {r['width']}, {n} seed(s) per method (mean ± std over seeds; same "
-        "teachers and data order, different initialisations).",
-        f"Device: {r['device']} ({r['backend']}), jax {r['jax_version']}. Total wall time {r['total_wall_time_s']:.0f} s.",
+        p.get("description", ""),
         "",
-        "| method | best top-1 | final top-1 | img/s | wall time (s) |",
-        "|---|---|---|---|---|",
+        f"Teachers: {len(t['test_acc'])} x {t['model']}, {t['epochs']} epochs, final top-1 "
+        f"{', '.join(f'{a:.2f}' for a in t['test_acc'])}; ensemble {_f(t['ensemble_test_acc'])} "
+        f"({t['wall_time_s']:.0f} s).",
+        f"Students: {s['model']}, {s['epochs']} epochs, {s['seeds']} per graph x data seeds "
+        f"{', '.join(str(d) for d in s['data_seeds'])}; matched pairs = (data seed, student seed).",
+        f"Device: {r['device']} ({r['backend']}, {r['cpu']}, {r['cpu_count']} CPUs), jax {r['jax_version']}. "
+        f"Total wall time {r['total_wall_time_s']:.0f} s.",
     ]
-    for row in r["students"]:
-        lines.append(f"| {row['method']} | {_pm(row['best_test_acc_mean'], row['best_test_acc_std'], n)} | "
-                     f"{_pm(row['final_test_acc_mean'], row['final_test_acc_std'], n)} | {row['img_per_s']:.0f} | "
-                     f"{row['wall_time_s']:.0f} |")
+    if r.get("command"):
+        lines += ["", f"`{r['command']}`"]
+    lines += [
+        "",
+        f"Final-epoch top-1 (%) is the primary metric: mean ± std over the students, {conf} % t-interval. "
+        "Best-over-epochs selects on the test set: reported, not decided on.",
+        "",
+        f"| method | final top-1 | {conf} % interval | n | best-over-epochs | img/s | wall time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in r["methods"]:
+        fin, best = m["final"], m["best"]
+        lines.append(f"| {m['label']} | {fin['mean']:.2f} ± {fin['std']:.2f} | {_ci(fin['low'], fin['high'])} | "
+                     f"{fin['n']} | {best['mean']:.2f} ± {best['std']:.2f} | {m['img_per_s']:.0f} | "
+                     f"{m['wall_time_s']:.0f} |")
+    if r["comparisons"]:
+        prim = label[r["comparisons"][0]["a"]]
+        lines += [
+            "",
+            f"## {prim} against each baseline",
+            "",
+            f"Paired difference {prim} − baseline in final top-1 (points) over the matched pairs; intervals at "
+            f"Holm-corrected levels (family-wise {conf} % over these {len(r['comparisons'])} comparisons). "
+            f"Verdict: wins if the lower bound > 0, does not win if the upper bound < +{p['margin']}, else "
+            "undecided.",
+            "",
+            "| baseline | difference | interval | level | n | p | p (Holm) | verdict |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in r["comparisons"]:
+            lines.append(f"| {label[c['b']]} | {_f(c['mean'], sign=True)} | {_ci(c['low'], c['high'], True)} | "
+                         f"{100 * c['confidence']:.2f} % | {c['n']} | {_p(c['p'])} | {_p(c['p_holm'])} | "
+                         f"**{c['verdict']}** |")
+    control = r["positive_control"]
+    if control is not None:
+        lines += ["", f"Positive control: {label[control['a']]} − {label[control['b']]} = "
+                      f"{_f(control['mean'], sign=True)} {_ci(control['low'], control['high'], True)} "
+                      f"({conf} %, n = {control['n']}): **{'passes' if control['passes'] else 'fails'}**."]
+    if r["components"]:
+        lines += ["", "## Components", "", f"| difference | isolates | mean | {conf} % interval | n |",
+                  "|---|---|---|---|---|"]
+        for c in r["components"]:
+            lines.append(f"| {label[c['a']]} − {label[c['b']]} | {c['isolates']} | {_f(c['mean'], sign=True)} | "
+                         f"{_ci(c['low'], c['high'], True)} | {c['n']} |")
+    if r["gates"]:
+        lines += ["", "## Gates", ""]
+        for g in r["gates"]:
+            values = ", ".join(f"{label.get(k, k)} {v:+.2f}" for k, v in g["values"].items())
+            lines.append(f"- {g['gate']}: **{'passes' if g['passes'] else 'fails'}** ({values})")
+    if len(r["methods"]) > 1:
+        lines += ["", f"## Paired differences (row − column, final top-1, {conf} % interval)", "",
+                  "| | " + " | ".join(m["label"] for m in r["methods"][1:]) + " |",
+                  "|---" * len(r["methods"]) + "|"]
+        cell = {(c["a"], c["b"]): c for c in r["pairwise"]}
+        for i, a in enumerate(r["methods"][:-1]):
+            row = []
+            for j, b in enumerate(r["methods"][1:], start=1):
+                c = cell.get((a["name"], b["name"]))
+                row.append("" if j <= i or c is None else f"{_f(c['mean'], sign=True)} {_ci(c['low'], c['high'], True)}")
+            lines.append(f"| {a['label']} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def _plotting():
+    """``plot(results, directory)``, or None without matplotlib (an optional dependency)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    return write_plots
+
+
+def write_plots(r: dict, directory: pathlib.Path) -> list[pathlib.Path]:
+    """``accuracy.png`` (test top-1 per epoch, mean and min-max band) and, where a method weights its teachers
+    unequally, ``teacher_weights.png`` (mean weight of each teacher per epoch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in r["methods"]:
+        epochs = np.arange(1, len(m["curve_mean"]) + 1)
+        line, = ax.plot(epochs, m["curve_mean"], label=m["label"])
+        ax.fill_between(epochs, m["curve_min"], m["curve_max"], color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set(xlabel="epoch", ylabel="test top-1 (%)", title=f"{r['protocol']['name']}: mean and range over students")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    written.append(directory / "accuracy.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    weighted = [m for m in r["methods"] if m["teacher_weight_per_epoch"]
+                and np.ptp(np.array(m["teacher_weight_per_epoch"])) > 1e-6]
+    if weighted:
+        fig, axes = plt.subplots(1, len(weighted), figsize=(3.5 * len(weighted), 3.2), squeeze=False, sharey=True)
+        for ax, m in zip(axes[0], weighted):
+            w = np.array(m["teacher_weight_per_epoch"])
+            for k in range(w.shape[1]):
+                ax.plot(np.arange(1, len(w) + 1), w[:, k], label=f"teacher {k}")
+            ax.set(title=m["label"], xlabel="epoch")
+            ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[0][0].set_ylabel("mean weight per example")
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        written.append(directory / "teacher_weights.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------- CLI
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m demkd_jax.reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pair", required=True, help="TEACHER-STUDENT, e.g. vgg13-vgg8 or wrn_40_2-ShuffleV2")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--protocol", help="a protocol file (get_config()), e.g. configs/protocols/"
+                                          "cifar100_16px_pilot.py")
+    which.add_argument("--pair", help="TEACHER-STUDENT, e.g. vgg13-vgg8 or wrn_40_2-ShuffleV2")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--epochs", type=int, default=240, help="student epochs (lr decay epochs scale with it)")
-    p.add_argument("--teacher-epochs", type=int, default=-1, help="default: --epochs")
-    p.add_argument("--teachers", type=int, default=3)
-    p.add_argument("--seeds", type=int, default=1, help="students per method, trained in one graph")
-    p.add_argument("--width", type=float, default=1.0, help="channel multiplier of teachers and student")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=config_lib.DTYPES)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", type=lambda s: s.split(","), default=None,
-                   help=f"subset, comma-separated, of: {', '.join(v[0] for v in VARIANTS)} (or method names)")
-    p.add_argument("--scale-warmup", action="store_true",
-                   help="scale the 20-epoch KD warm-up with --epochs (default: keep SPEC's 20)")
-    p.add_argument("--data-source", default="tfds")
-    p.add_argument("--data-name", default="cifar100")
-    p.add_argument("--data-path", default="")
-    p.add_argument("--num-classes", type=int, default=100)
+                   help=f"subset, comma-separated, of the protocol's methods ({', '.join(VARIANTS)}) or their labels")
+    p.add_argument("--data-path", default="", help="overrides the protocol's data.path")
     p.add_argument("--cache-dir", default="")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="accuracy.png and teacher_weights.png next to the results (needs matplotlib)")
+    g = p.add_argument_group("--pair only")
+    g.add_argument("--epochs", type=int, default=240, help="student epochs (lr decay epochs scale with it)")
+    g.add_argument("--teacher-epochs", type=int, default=-1, help="default: --epochs")
+    g.add_argument("--teachers", type=int, default=3)
+    g.add_argument("--seeds", type=int, default=1, help="students per method, trained in one graph")
+    g.add_argument("--width", type=float, default=1.0, help="channel multiplier of teachers and student")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--dtype", default="float32", choices=config_lib.DTYPES)
+    g.add_argument("--seed", type=int, default=0, help="the data seed (teachers: seed + 1000)")
+    g.add_argument("--scale-warmup", action="store_true",
+                   help="scale the 20-epoch KD warm-up with --epochs, at least 2 (the trainer's factor is "
+                        "min(epoch / warm-up, 1) with 1-based epochs: 1 would be none); default: keep SPEC's 20")
+    g.add_argument("--data-source", default="tfds")
+    g.add_argument("--data-name", default="cifar100")
+    g.add_argument("--num-classes", type=int, default=100)
     args = p.parse_args(argv)
-    if "-" not in args.pair:
+    args.record_command = argv is None
+    if args.pair is not None and "-" not in args.pair:
         p.error(f"--pair must be TEACHER-STUDENT, got {args.pair!r}")
     return args
 
@@ -228,7 +655,8 @@ def main(argv=None) -> int:
     from demkd_jax.data import DataError
 
     try:
-        run(args)
+        protocol = load_protocol(args.protocol) if args.protocol else pair_protocol(args)
+        run(protocol, args)
     except (config_lib.ConfigError, CheckpointError, DataError, train.NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
