@@ -321,9 +321,9 @@ def run(p: ml_collections.ConfigDict, args) -> dict[str, Any]:
     placeholder = [str(t_dir / f"teacher_{k}") for k in range(p.teachers.num)]
     for name in names:
         _validate_student(p, args, name, placeholder)
-    plot = _plotting() if args.plots else None
-    if args.plots and plot is None:
-        print("warning: matplotlib is not installed: no plots (pip install matplotlib, or the '.[dev]' extra); "
+    plot = args.plots and importlib.util.find_spec("matplotlib") is not None
+    if args.plots and not plot:
+        print("warning: matplotlib is not installed: no plots (pip install matplotlib, or the '.[plots]' extra); "
               "results.md and results.json are written", file=sys.stderr)
 
     t0 = time.time()
@@ -371,8 +371,8 @@ def run(p: ml_collections.ConfigDict, args) -> dict[str, Any]:
     results.update(analyse(p, results["teachers"], methods))
     (root / "results.json").write_text(json.dumps(results, indent=2))
     (root / "results.md").write_text(results_markdown(results))
-    if plot is not None:
-        plot(results, root)
+    if plot:
+        write_plots(results, root)
     print(results_markdown(results))
     return results
 
@@ -420,19 +420,16 @@ def analyse(p: ml_collections.ConfigDict, teachers: dict, methods: list[dict]) -
     pairwise = [paired(a, b, conf) for i, a in enumerate(methods) for b in methods[i + 1:]]
 
     comparisons = []
-    primary = by_name.get(p.primary)
-    family = [b for b in p.baselines if b in by_name and primary is not None]
-    if family:
-        raw = [paired(primary, by_name[b], conf) for b in family]
-        testable = [c for c in raw if c["p"] is not None]
-        adjusted, _, levels = stats.holm([c["p"] for c in testable], 1.0 - conf) if testable else ([], [], [])
-        holm_of = {c["b"]: (a, lvl) for c, a, lvl in zip(testable, adjusted, levels)}
-        for c in raw:
-            if c["b"] in holm_of:
-                p_holm, level = holm_of[c["b"]]
-                c = {**paired(primary, by_name[c["b"]], 1.0 - level), "p": c["p"], "p_holm": p_holm}
-            else:
-                c = {**c, "p_holm": None}
+    if p.primary in by_name:
+        primary, family = by_name[p.primary], [b for b in p.baselines if b in by_name]
+        raw = {b: paired(primary, by_name[b], conf) for b in family}
+        testable = [b for b in family if raw[b]["p"] is not None]  # at least two matched pairs
+        adjusted, _, levels = stats.holm([raw[b]["p"] for b in testable], 1.0 - conf) if testable else ([], [], [])
+        holm_of = dict(zip(testable, zip(adjusted, levels)))
+        for b in family:
+            c = {**raw[b], "p_holm": None}
+            if b in holm_of:  # the interval at its Holm level (the p-value does not depend on the level)
+                c = {**paired(primary, by_name[b], 1.0 - holm_of[b][1]), "p_holm": holm_of[b][0]}
             comparisons.append({**c, "verdict": stats.verdict(c["low"], c["high"], p.margin)})
 
     control = None
@@ -558,16 +555,9 @@ def results_markdown(r: dict) -> str:
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def _plotting():
-    """``plot(results, directory)``, or None without matplotlib (an optional dependency)."""
-    if importlib.util.find_spec("matplotlib") is None:
-        return None
-    return write_plots
-
-
 def write_plots(r: dict, directory: pathlib.Path) -> list[pathlib.Path]:
     """``accuracy.png`` (test top-1 per epoch, mean and min-max band) and, where a method weights its teachers
-    unequally, ``teacher_weights.png`` (mean weight of each teacher per epoch)."""
+    unequally, ``teacher_weights.png`` (mean weight of each teacher per epoch). Needs matplotlib (optional)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -60,12 +60,12 @@ def test_step_speed_seed_sweep_and_overrides():
     cmd = [sys.executable, str(REPO / "benchmarks" / "step_speed.py"), "--config", str(REPO / "configs" / "vgg8.py"),
            "--student", "resnet8", "--teacher", "resnet8", "--batch", "8", "--dtype", "float32", "--width", "0.25",
            "--steps", "2", "--warmup", "1", "--dataset-size", "64", "--variants", "student_ce", "--seeds", "1", "2",
-           "--winograd", "on"]
+           "--winograd", "on", "--image-size", "16"]
     env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert [(r["config"], r["num_seeds"]) for r in records] == [("resnet8", 1), ("resnet8", 2)]
+    assert [(r["config"], r["num_seeds"], r["image_size"]) for r in records] == [("resnet8", 1, 16), ("resnet8", 2, 16)]
     assert all(r["winograd"] == {"student": True, "teachers": True} for r in records)
 
 
