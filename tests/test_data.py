@@ -592,7 +592,7 @@ def test_downsample_mean_pools_exactly_and_computes_stats_from_the_pooled_split(
         blocks = x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
         pooled = getattr(ds, f"{split}_images")
         assert pooled.shape == (n, h // 2, w // 2, c) and pooled.dtype == np.uint8
-        np.testing.assert_array_equal(pooled, np.floor(blocks + 0.5).astype(np.uint8))  # nearest, halves up
+        np.testing.assert_array_equal(pooled, np.rint(blocks).astype(np.uint8))  # nearest, halves to even
     # The name selects published statistics at full size only: pooled images have their own (smaller) std.
     assert ds.stats_origin == "computed" and "selects the published mean" not in caplog.text
     flat = ds.train_images.reshape(-1, 3).astype(np.float64) / 255
@@ -600,7 +600,8 @@ def test_downsample_mean_pools_exactly_and_computes_stats_from_the_pooled_split(
     np.testing.assert_allclose(ds.std, flat.std(0), rtol=1e-5)
     full = load(tmp_path, source="npz", name="toy", num_classes=4, path=str(tmp_path / "toy"))
     assert np.all(ds.std < full.std)
-    np.testing.assert_array_equal(data.loader.mean_pool(np.array([[[[1], [2]], [[2], [1]]]], np.uint8), 2), [[[[2]]]])
+    halves = np.array([[[[1], [2]], [[2], [1]]], [[[2], [3]], [[3], [2]]], [[[1], [2]], [[2], [2]]]], np.uint8)
+    np.testing.assert_array_equal(data.loader.mean_pool(halves, 2).ravel(), [2, 2, 2])  # 1.5, 2.5 -> 2; 1.75 -> 2
     with raises(data.DataFormatError, "images are 32x32, not divisible by data.downsample=3"):
         load(tmp_path, source="npz", name="toy", num_classes=4, path=str(tmp_path / "toy"), downsample=3)
     with raises(data.DataConfigError, "data.downsample=0", "positive integer"):

@@ -55,7 +55,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       its main code under ``if __name__ == "__main__":``. Only the first load decodes (then the cache
       serves); on a busy 2-core machine 2 workers were slower than none.
     - ``downsample`` (1): ``f > 1`` mean-pools every image over ``f x f`` blocks on load (after the cache, which
-      keeps the source's pixels), rounding to the nearest pixel level (halves up): ``downsample=2`` turns
+      keeps the source's pixels), rounding to the nearest pixel level (halves to even): ``downsample=2`` turns
       32x32 CIFAR into 16x16, a cheaper proxy. ``image_size`` still names the source's size, and the
       statistics are computed from the pooled train split (``normalization="auto"`` selects the published
       values only for the source's own resolution: pooling lowers the std).
@@ -201,16 +201,20 @@ def _as_config(config: Any) -> ml_collections.ConfigDict:
 
 
 def mean_pool(images: np.ndarray, factor: int, origin: str = "images") -> np.ndarray:
-    """uint8 ``[N, H, W, C]`` mean-pooled over ``factor x factor`` blocks, rounded to the nearest level (halves up).
+    """uint8 ``[N, H, W, C]`` mean-pooled over ``factor x factor`` blocks, rounded to the nearest level.
 
+    Halves round to even, so the rounding adds no bias to the mean (halves up would add 1/8 level at factor 2).
     ``H`` and ``W`` must be multiples of ``factor``; raises :class:`DataFormatError` otherwise.
     """
     n, h, w, c = images.shape
     if h % factor or w % factor:
         raise DataFormatError(f"{origin}: images are {h}x{w}, not divisible by data.downsample={factor}")
     area = factor * factor
-    sums = images.reshape(n, h // factor, factor, w // factor, factor, c).sum(axis=(2, 4), dtype=np.uint32)
-    return ((sums + area // 2) // area).astype(np.uint8)
+    sums = np.zeros((n, h // factor, w // factor, c), np.uint32)
+    for i in range(factor):  # strided adds: several times faster than a sum over the axes of a 6-D reshape
+        for j in range(factor):
+            sums += images[:, i::factor, j::factor]
+    return np.rint(sums.astype(np.float32) / area).astype(np.uint8)  # k/4 is exact in float32
 
 
 def _statistics(
