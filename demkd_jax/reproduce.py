@@ -258,7 +258,9 @@ def student_config(p: ml_collections.ConfigDict, args, name: str, data_seed: int
     c.optim.lr_decay_epochs = tuple(s.lr_decay_epochs)
     c.distill.beta = s.beta
     c.distill.method = variant.method
-    for key, value in (*s.overrides, *variant.overrides):
+    for key, value in s.overrides:
+        _set(c, key, value, f"protocol {p.name!r} students")
+    for key, value in variant.overrides:
         _set(c, key, value, f"method {name!r} ({variant.label})")
     if s.warmup_epochs >= 0 and config_lib.warmup_epochs(c) > 0:  # only methods that have a warm-up
         c.distill.warmup_epochs = s.warmup_epochs

@@ -1,7 +1,7 @@
 """Main run of the CIFAR-100 16 px comparison: a CPU-scale proxy, not the paper's protocol.
 
-    nohup python -m demkd_jax.reproduce --protocol configs/protocols/cifar100_16px_main.py \
-      --workdir runs/main16 --no-progress > runs/main16.log 2>&1 &
+    mkdir -p runs/main16 && nohup python -m demkd_jax.reproduce --no-progress \
+      --protocol configs/protocols/cifar100_16px_main.py --workdir runs/main16 > runs/main16/reproduce.log 2>&1 &
 
 CIFAR-100 (official split) 2x2 mean-pooled to 16x16 on load, crop padding 2 + flip, statistics from the
 pooled data. 3 x resnet20 teachers (independent initialisations and data orders), 30 epochs; resnet8

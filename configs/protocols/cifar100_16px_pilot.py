@@ -1,6 +1,7 @@
 """Pilot of the CIFAR-100 16 px comparison: a CPU-scale proxy, not the paper's protocol.
 
-    python -m demkd_jax.reproduce --protocol configs/protocols/cifar100_16px_pilot.py --workdir runs/pilot16
+    mkdir -p runs/pilot16 && nohup python -m demkd_jax.reproduce --no-progress \
+      --protocol configs/protocols/cifar100_16px_pilot.py --workdir runs/pilot16 > runs/pilot16/reproduce.log 2>&1 &
 
 CIFAR-100 (official split) 2x2 mean-pooled to 16x16 on load, crop padding 2 + flip, statistics from the
 pooled data. 3 x resnet14 teachers (independent initialisations and data orders), 15 epochs; resnet8
