@@ -11,7 +11,8 @@ Conventions:
 - Teacher logits, teacher features and teacher weights are constants for the gradient
   (``jax.lax.stop_gradient`` inside each function; :func:`camkd_feature_weights` has a switch).
 - Per-example losses return ``[B]``; the multi-teacher losses reduce to a scalar with the mean over the
-  batch and the *sum* over teachers (CA-MKD's code divides by ``B * K`` instead, an extra ``1/K``).
+  batch and, over teachers, the weighted sum (``reduction="sum"``) or that sum divided by K
+  (``reduction="mean"``: CA-MKD's code divides its weighted sums by ``B * K``).
 - ``temperature``, ``alpha``, ``beta``, ``tau`` may be Python floats or traced scalars (pass arrays to a
   jitted step to avoid recompiling per value). Shapes are checked with chex at trace time; ``scheme`` and
   ``kind`` are static strings.
@@ -31,6 +32,7 @@ from demkd_jax.models.layers import batch_norm, torch_default_bias, torch_defaul
 __all__ = [
     "WEIGHT_SCHEMES",
     "LOGIT_LOSS_KINDS",
+    "TEACHER_REDUCTIONS",
     "cross_entropy",
     "kd",
     "tckd",
@@ -52,6 +54,7 @@ Scalar = float | jax.Array
 
 WEIGHT_SCHEMES: tuple[str, ...] = ("camkd", "softmax", "ebkd", "uniform")
 LOGIT_LOSS_KINDS: tuple[str, ...] = ("dkd", "kd")
+TEACHER_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -87,6 +90,16 @@ def _check_teachers(teacher_logits: jax.Array, what: str, *, min_teachers: int =
     k = teacher_logits.shape[0]
     if k < min_teachers:
         raise ValueError(f"{what} needs at least {min_teachers} teachers (it divides by K - 1), got K = {k}")
+
+
+def _reduce_teachers(weighted: jax.Array, reduction: str) -> jax.Array:
+    """``[K, B]`` weighted per-teacher losses -> scalar: mean over the batch of the sum (or mean) over teachers."""
+    if reduction not in TEACHER_REDUCTIONS:
+        raise ValueError(f"unknown teacher reduction {reduction!r}; expected one of: {', '.join(TEACHER_REDUCTIONS)}")
+    per_example = jnp.sum(weighted, axis=0)
+    if reduction == "mean":
+        per_example = per_example / weighted.shape[0]
+    return jnp.mean(per_example)
 
 
 def _target_mask(labels: jax.Array, num_classes: int) -> jax.Array:
@@ -286,8 +299,8 @@ def camkd_feature_weights(
     w_k = (1 − softmax_k(CE(head_logits_k, y))) / (K − 1), as :func:`confidence_weights`.
 
     CA-MKD's reference implementation lets the gradient flow through these weights into the student and
-    the connectors; SPEC.md treats all weights as constants, so the default stops it.
-    ``stop_gradient=False`` restores the reference behaviour.
+    the connectors (``stop_gradient=False``, what method ``camkd`` uses by default); ``True`` makes them
+    constants like every other teacher weight.
     """
     _check_teachers(head_logits, "camkd_feature_weights", min_teachers=2)
     _check_labels(labels, *head_logits.shape[1:])
@@ -311,12 +324,14 @@ def multi_teacher_logit_loss(
     alpha: Scalar = 1.0,
     beta: Scalar = 8.0,
     temperature: Scalar = 4.0,
+    reduction: str = "sum",
 ) -> jax.Array:
     """Weighted multi-teacher logit loss L = mean_x Σ_k w_k(x) · ℓ(z_s(x), z_k(x), y). Scalar.
 
     ``kind="dkd"``: ℓ = DKD(α, β, T) (DE-MKD); ``kind="kd"``: ℓ = KD(T) (AVER, EBKD, CA-MKD baselines;
-    ``labels``, ``alpha`` and ``beta`` are then unused). Shapes: student ``[B, C]``, teachers
-    ``[K, B, C]``, labels ``[B]``, weights ``[K, B]`` (constant for the gradient).
+    ``labels``, ``alpha`` and ``beta`` are then unused). ``reduction="mean"`` divides the sum over teachers
+    by K. Shapes: student ``[B, C]``, teachers ``[K, B, C]``, labels ``[B]``, weights ``[K, B]`` (constant
+    for the gradient).
     """
     if kind not in LOGIT_LOSS_KINDS:
         raise ValueError(f"unknown logit loss kind {kind!r}; expected one of: {', '.join(LOGIT_LOSS_KINDS)}")
@@ -331,24 +346,33 @@ def multi_teacher_logit_loss(
         per_teacher = jax.vmap(lambda z_k: kd(student_logits, z_k, temperature))
     losses = per_teacher(teacher_logits)  # [K, B]
     w = jax.lax.stop_gradient(_f32(weights))
-    return jnp.mean(jnp.sum(w * losses, axis=0))
+    return _reduce_teachers(w * losses, reduction)
 
 
 def feature_mse(
-    student_projected: jax.Array, teacher_features: jax.Array, weights: jax.Array
+    student_projected: jax.Array,
+    teacher_features: jax.Array,
+    weights: jax.Array,
+    *,
+    reduction: str = "sum",
+    detach_weights: bool = True,
 ) -> jax.Array:
     """Weighted multi-teacher feature loss L_feat = mean_x Σ_k w_k(x) · mean_{h,w,c} (r_k(f_s) − f_k)². Scalar.
 
     ``student_projected[k]`` = r_k(f_s), the student map through teacher k's connector; all ``[K, B, H, W, C]``;
-    weights ``[K, B]``. Teacher features and weights are constants for the gradient.
+    weights ``[K, B]``. ``reduction="mean"`` divides the sum over teachers by K. Teacher features are
+    constants for the gradient; so are the weights unless ``detach_weights=False`` (CA-MKD's feature term,
+    whose weights depend on the student).
     """
     chex.assert_rank([student_projected, teacher_features], 5)
     chex.assert_equal_shape([student_projected, teacher_features])
     chex.assert_shape(weights, student_projected.shape[:2])
     diff = _f32(student_projected) - jax.lax.stop_gradient(_f32(teacher_features))
     per = jnp.mean(jnp.square(diff), axis=(2, 3, 4))  # [K, B]
-    w = jax.lax.stop_gradient(_f32(weights))
-    return jnp.mean(jnp.sum(w * per, axis=0))
+    w = _f32(weights)
+    if detach_weights:
+        w = jax.lax.stop_gradient(w)
+    return _reduce_teachers(w * per, reduction)
 
 
 def fitnet_hint_loss(student_projected: jax.Array, teacher_hints: jax.Array) -> jax.Array:

@@ -26,6 +26,7 @@ import ml_collections
 
 from demkd_jax import config as config_lib
 from demkd_jax import hostmem
+from demkd_jax import methods
 from demkd_jax import train
 
 # Student variants of the table: (label, method, use the feature term).
@@ -105,7 +106,7 @@ def student_config(args, method: str, features: bool, teacher_dirs: list[str]) -
         c.teachers.checkpoints = ()
         c.teachers.model = ""
     else:
-        c.teachers.checkpoints = tuple(teacher_dirs[:1] if method in config_lib.SINGLE_TEACHER_METHODS
+        c.teachers.checkpoints = tuple(teacher_dirs[:1] if methods.get(method).teachers == "one"
                                        else teacher_dirs)
     return c
 
