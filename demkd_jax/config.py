@@ -1,6 +1,6 @@
 """Configuration: the base ``ml_collections.ConfigDict`` every ``configs/*.py`` starts from, and validation.
 
-Defaults follow SPEC.md section 4 (the CRD/CA-MKD CIFAR-100 recipe). ``None`` (``distill.ce_weight``,
+Defaults follow docs/method.md §3 (the CRD/CA-MKD CIFAR-100 recipe). ``None`` (``distill.ce_weight``,
 ``distill.kd_weight``, ``optim.nesterov``) and ``-1`` (``distill.warmup_epochs``) mean the method's own value
 from the table in :mod:`demkd_jax.methods`.
 :func:`validate` checks a config before any data loading or compilation and raises :class:`ConfigError`
@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.distill = ml_collections.ConfigDict()
     c.distill.method = "demkd"  # a name from demkd_jax.methods.METHODS
     c.distill.features = True  # intermediate-feature term (demkd, camkd)
-    c.distill.weights = "camkd"  # DE-MKD entropy weighting scheme (SPEC section 3)
+    c.distill.weights = "camkd"  # DE-MKD entropy weighting scheme (docs/method.md §2)
     c.distill.weight_temperature = 1.0  # T_w of the entropy
     c.distill.weight_tau = 1.0  # tau of the "softmax" scheme
     c.distill.temperature = 4.0

@@ -1,4 +1,4 @@
-"""Distillation losses and teacher weights of DE-MKD and its baselines (SPEC.md sections 3-5).
+"""Distillation losses and teacher weights of DE-MKD and its baselines (docs/method.md §2, §4).
 
 Conventions:
 - Logits are ``[B, C]``; teacher-stacked arrays carry the teacher axis first (``[K, B, C]``,
@@ -243,7 +243,7 @@ def entropy_weights(
     """Per-example teacher weights from the entropy of each teacher's prediction. ``[K, B, C] -> [K, B]``.
 
     H_k(x) = entropy(z_k(x), T_w) with T_w = ``temperature``; lower entropy -> larger weight. Schemes
-    (SPEC.md section 3):
+    (docs/method.md §2):
 
     - ``"camkd"`` (default): w_k = (1 − softmax_k(H_k)) / (K − 1); Σ_k w_k = 1; needs K >= 2.
     - ``"softmax"``: w_k = softmax_k(−H_k / τ); Σ_k w_k = 1.
@@ -378,7 +378,7 @@ def feature_mse(
 def fitnet_hint_loss(student_projected: jax.Array, teacher_hints: jax.Array) -> jax.Array:
     """FitNet-MKD hint loss: (1/K) Σ_k mean_{b,h,w,c} (r_k(f_s) − f_k)². Scalar.
 
-    ``[K, B, H, W, C] x 2``; the hints are constants for the gradient. The weight λ (100 in SPEC.md
+    ``[K, B, H, W, C] x 2``; the hints are constants for the gradient. The weight λ (100 in docs/method.md
     section 5) is applied by the trainer.
     """
     chex.assert_rank([student_projected, teacher_hints], 5)

@@ -1,4 +1,4 @@
-"""Tests for demkd_jax.losses against float64 NumPy transcriptions of SPEC.md sections 3-5."""
+"""Tests for demkd_jax.losses against float64 NumPy transcriptions of docs/method.md §2 and §4."""
 
 from __future__ import annotations
 
