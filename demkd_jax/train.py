@@ -560,7 +560,7 @@ def build_setup(config, ds, teachers: Teachers | None) -> Setup:
                                  ("teacher", teachers.model_name, t_feats)):
             config_lib.check_feature_index(feature_index, who, name, len(feats) - 1)
         t_shape = t_feats[feature_index].shape
-        connector = losses.StackedConnector(num_teachers=num_teachers, out_channels=t_shape[-1],
+        connector = models.StackedConnector(num_teachers=num_teachers, out_channels=t_shape[-1],
                                             out_size=(t_shape[1], t_shape[2]), dtype=dtype)
     schedule = lr_schedule(config, spe)
     return Setup(

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from demkd_jax.models import mobilenetv2, resnet, shufflenet, vgg, wrn
+from demkd_jax.models.connectors import Connector, StackedConnector, resize_feature_map
 from demkd_jax.models.layers import BN_EPSILON
 
 __all__ = [
@@ -26,6 +27,9 @@ __all__ = [
     "init_variables",
     "count_params",
     "fold_batchnorm",
+    "Connector",
+    "StackedConnector",
+    "resize_feature_map",
 ]
 
 
