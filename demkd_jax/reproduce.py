@@ -47,6 +47,7 @@ import numpy as np
 
 from demkd_jax import config as config_lib
 from demkd_jax import hostmem
+from demkd_jax import methods
 from demkd_jax import stats
 from demkd_jax import train
 
@@ -68,8 +69,7 @@ VARIANTS: dict[str, Variant] = {
     "ebkd": Variant("EBKD", "ebkd"),
     "camkd": Variant("CA-MKD", "camkd", (("distill.features", True),)),
     "fitnet_mkd": Variant("FitNet-MKD", "fitnet_mkd"),
-    "dkd_uniform": Variant("DKD (uniform weights)", "demkd",
-                           (("distill.features", False), ("distill.weights", "uniform"))),
+    "dkd_uniform": Variant("DKD (uniform weights)", "dkd_uniform"),
     "demkd_logits": Variant("DE-MKD (logits)", "demkd", (("distill.features", False),)),
     "demkd": Variant("DE-MKD", "demkd", (("distill.features", True),)),
     # The feature and logit terms averaged over the teachers as CA-MKD's code does (its extra 1/K).
@@ -84,12 +84,12 @@ COMPONENTS = (
     ("demkd_mean", "demkd", "teacher reduction (1/K vs sum)"),
 )
 PAIR_METHODS = ("ce", "kd", "dkd", "aver", "ebkd", "camkd", "demkd_logits", "demkd")
-SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # SPEC: lr 0.01
+SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # docs/method.md §3: lr 0.01
 LINEAGE_DECAY = (150, 180, 210)  # of 240 epochs
 
 
 def spec_beta(teacher: str, student: str) -> float:
-    """NCKD weight by pair (SPEC.md section 4)."""
+    """NCKD weight by pair (docs/method.md §3)."""
     if (teacher, student) in {("vgg13", "vgg8"), ("vgg13", "MobileNetV2"), ("wrn_40_2", "wrn_16_2"),
                               ("wrn_40_2", "wrn_40_1")}:
         return 6.0
@@ -269,7 +269,7 @@ def student_config(p: ml_collections.ConfigDict, args, name: str, data_seed: int
         c.teachers.model = ""
     else:
         c.teachers.model = p.teachers.model
-        c.teachers.checkpoints = tuple(teacher_dirs[:1] if variant.method in config_lib.SINGLE_TEACHER_METHODS
+        c.teachers.checkpoints = tuple(teacher_dirs[:1] if methods.get(variant.method).teachers == "one"
                                        else teacher_dirs)
     return c
 
@@ -337,7 +337,7 @@ def run(p: ml_collections.ConfigDict, args) -> dict[str, Any]:
         print(f"== teachers: reusing {t_dir}")
     teacher_dirs = t_summary["teacher_dirs"]
 
-    methods = []
+    rows = []
     for name in names:
         runs, weights, wall, speed = [], [], 0.0, []
         for d in p.students.data_seeds:
@@ -355,7 +355,7 @@ def run(p: ml_collections.ConfigDict, args) -> dict[str, Any]:
             weights.append([h["train_teacher_weight"] for h in history if "train_teacher_weight" in h])
             wall += summary["wall_time_s"]
             speed.append(summary["img_per_s"])
-        methods.append(method_result(name, runs, weights, wall, float(np.median(speed)), p.confidence))
+        rows.append(method_result(name, runs, weights, wall, float(np.median(speed)), p.confidence))
 
     results = {
         "protocol": p.to_dict(),
@@ -366,11 +366,11 @@ def run(p: ml_collections.ConfigDict, args) -> dict[str, Any]:
         "teachers": {"model": p.teachers.model, "epochs": p.teachers.epochs, "test_acc": t_summary["final_test_acc"],
                      "best_test_acc": t_summary["best_test_acc"], "ensemble_test_acc": t_summary["ensemble_test_acc"],
                      "wall_time_s": t_summary["wall_time_s"]},
-        "methods": methods,
+        "methods": rows,
         "wall_time_s_this_invocation": round(time.time() - t0, 1),
-        "total_wall_time_s": round(t_summary["wall_time_s"] + sum(m["wall_time_s"] for m in methods), 1),
+        "total_wall_time_s": round(t_summary["wall_time_s"] + sum(m["wall_time_s"] for m in rows), 1),
     }
-    results.update(analyse(p, results["teachers"], methods))
+    results.update(analyse(p, results["teachers"], rows))
     (root / "results.json").write_text(json.dumps(results, indent=2))
     (root / "results.md").write_text(results_markdown(results))
     if plot:
@@ -415,11 +415,11 @@ def paired(a: dict, b: dict, confidence: float) -> dict:
             "p": stats.paired_t_p_value(d), "confidence": confidence}
 
 
-def analyse(p: ml_collections.ConfigDict, teachers: dict, methods: list[dict]) -> dict:
+def analyse(p: ml_collections.ConfigDict, teachers: dict, rows: list[dict]) -> dict:
     """Pairwise differences, the Holm-corrected primary comparisons and their verdicts, control, gates."""
-    by_name = {m["name"]: m for m in methods}
+    by_name = {m["name"]: m for m in rows}
     conf = p.confidence
-    pairwise = [paired(a, b, conf) for i, a in enumerate(methods) for b in methods[i + 1:]]
+    pairwise = [paired(a, b, conf) for i, a in enumerate(rows) for b in rows[i + 1:]]
 
     comparisons = []
     if p.primary in by_name:
@@ -445,7 +445,7 @@ def analyse(p: ml_collections.ConfigDict, teachers: dict, methods: list[dict]) -
     gates = []
     if p.gates.distill_over_ce >= 0 and "ce" in by_name:
         ce = by_name["ce"]["final"]["mean"]
-        gains = {m["name"]: m["final"]["mean"] - ce for m in methods if m["name"] != "ce"}
+        gains = {m["name"]: m["final"]["mean"] - ce for m in rows if m["name"] != "ce"}
         gates.append({"gate": f"every distillation method beats CE by >= {p.gates.distill_over_ce} points (mean)",
                       "values": gains, "passes": bool(gains) and min(gains.values()) >= p.gates.distill_over_ce})
     if p.gates.ensemble_over_best >= 0 and teachers["ensemble_test_acc"] is not None:
@@ -630,7 +630,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="the data seed (teachers: seed + 1000)")
     g.add_argument("--scale-warmup", action="store_true",
                    help="scale the 20-epoch KD warm-up with --epochs, at least 2 (the trainer's factor is "
-                        "min(epoch / warm-up, 1) with 1-based epochs: 1 would be none); default: keep SPEC's 20")
+                        "min(epoch / warm-up, 1) with 1-based epochs: 1 would be none); default: keep the recipe's 20")
     g.add_argument("--data-source", default="tfds")
     g.add_argument("--data-name", default="cifar100")
     g.add_argument("--num-classes", type=int, default=100)

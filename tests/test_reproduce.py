@@ -1,4 +1,4 @@
-"""The reproduction driver: a tiny protocol end to end (teachers, three methods, statistics, plots,
+"""The reproduction driver: a tiny 16 px protocol end to end (teachers, three methods, statistics, plots,
 skip-on-rerun), and its statistics, tables and configs without training."""
 
 import json
@@ -19,6 +19,8 @@ def get_config():
     p.name = "tiny"
     p.description = "A CI-sized proxy."
     p.data.update({{"source": "npz", "name": "tiny", "path": {path!r}, "num_classes": {classes}}})
+    p.data.downsample = 2  # 16 px, as the CIFAR-100 protocols
+    p.data.crop_padding = 2
     p.batch_size = 16
     p.teachers.update({{"model": "resnet8", "num": 2, "epochs": 1, "width": 0.25, "lr_decay_epochs": (1,)}})
     p.students.update({{"model": "resnet8", "epochs": 1, "width": 0.25, "seeds": 2, "data_seeds": (0,),
@@ -54,7 +56,8 @@ def test_reproduce_tiny_protocol(tiny_data, tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| DE-MKD | " in table and "## DE-MKD against each baseline" in table and "p (Holm)" in table
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "teacher_weights.png").stat().st_size > 0
-    assert (out / "demkd" / "seed_0" / "summary.json").is_file()
+    config = json.loads((out / "demkd" / "seed_0" / "config.json").read_text())
+    assert config["data"]["downsample"] == 2 and config["distill"]["features"] is True
     capsys.readouterr()
     # A rerun trains nothing: every piece is found finished.
     assert reproduce.main(argv) == 0

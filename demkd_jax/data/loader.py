@@ -48,7 +48,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     - ``use_cache`` (True): read and write that cache.
     - ``tfds_data_dir`` (""): tensorflow-datasets ``data_dir``; ``""`` means tfds's default
       (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
-    - ``normalization`` ("auto"): ``auto`` uses the published mean/std for ``cifar100`` (SPEC section 4)
+    - ``normalization`` ("auto"): ``auto`` uses the published mean/std for ``cifar100`` (docs/method.md §3)
       and ``cifar10``, and statistics computed from the train split otherwise; ``computed`` always computes.
     - ``num_workers`` (0): image-decoding worker processes for ``folder`` (``0``: decode in this process;
       ``-1``: one per available CPU, at most 8). Workers are spawned, so a script that sets it must keep
