@@ -82,7 +82,9 @@ from torch.utils.data import DataLoader, Dataset
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-from demkd_jax.torch_models import create_torch_model  # noqa: E402  (torch only; no jax import)
+if str(REPO_ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from torch_models import create_torch_model  # noqa: E402  (torch only; no jax import)
 
 try:  # torchvision's CIFAR100 dataset hands PIL images to the transforms; pillow is a project dependency.
     from PIL import Image, ImageOps

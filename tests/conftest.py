@@ -18,11 +18,15 @@ SHARED_DATA = pathlib.Path(os.environ.get("DEMKD_SHARED_DATA", REPO_ROOT.parent 
 
 
 def load_benchmark(name: str):
-    """``benchmarks/<name>.py`` imported as a module (benchmarks/ is not a package)."""
+    """``benchmarks/<name>.py`` imported as a module (benchmarks/ is not a package), once per session."""
     import importlib.util
+    import sys
 
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
