@@ -7,7 +7,7 @@ Phases, each under its own time limit so that a slow one cannot eat the others, 
 1. ``env.txt``: GPU, driver, jax/flax/torch versions.
 2. smoke: a tiny DE-MKD step through ``step_speed.py`` (stops the session early on an API break, e.g. a newer
    jax on the device than the one the project was tested with).
-3. ``step_speed.jsonl``: the issue's command (batch 64, float32, every variant), then the DE-MKD step with
+3. ``step_speed.jsonl``: the headline command (batch 64, float32, every variant), then the DE-MKD step with
    teachers vmapped and looped at batch 256 and 1024 in float32 and bfloat16.
 4. ``torch_reference.jsonl``: the PyTorch reference on the same card (``demkd``, ``demkd_logits``), real
    CIFAR-100 batches through DataLoader workers.
@@ -93,7 +93,7 @@ def read_jsonl(path: pathlib.Path) -> list[dict]:
 
 def summarize(step_rows: list[dict], torch_rows: list[dict], student_epochs: list[dict],
               teacher_epochs: list[dict], total_epochs: int = 240, width: float = 1.0) -> dict:
-    """The figures issue 7 asks for, from the phases' outputs (missing phases give None).
+    """The summary figures of the GPU session, from the phases' outputs (missing phases give None).
 
     The JAX/PyTorch ratio needs the same models on both sides: none at another ``width`` (a dry run).
     """

@@ -1,6 +1,6 @@
 """PyTorch reference of the DE-MKD training step, written the way the CRD-family codebases write it.
 
-This is the baseline of issue 7's speed comparison, so it must be a faithful loop, neither a strawman nor
+This is the baseline of the speed comparison (benchmarks/README.md), so it must be a faithful loop, neither a strawman nor
 tuned beyond what CRD / RepDistiller / CA-MKD / mdistiller do. Per step, exactly as their
 ``train_distill*`` loops:
 
@@ -30,34 +30,16 @@ Modes (each prints one JSON line):
 ``student_ce``      the student-only CE step (``train_vanilla``)
 ==================  =====================================================================================
 
-Throughput is measured over the whole loop including the DataLoader (that is what the peer figures of
-issue 7 measure): images/s = batch * steps / seconds, after ``--warmup`` steps. Typical use::
+Throughput is measured over the whole loop including the DataLoader (that is what the peer codebases'
+figures measure): images/s = batch * steps / seconds, after ``--warmup`` steps. Typical use::
 
     PYTHONPATH=. python benchmarks/torch_reference.py --mode all --batch 64 --steps 20
     PYTHONPATH=. python benchmarks/torch_reference.py --mode demkd --device cuda --num-workers 8
 
-``--num-workers`` defaults to 0 on CPU. On the 2-core machine the per-sample augmentation costs about
-10 ms of a ~800 ms distillation step, and a worker process can only run by taking a core from the two
-OpenMP compute threads. Measured there (torch 2.13, 2 threads, batch 64, quiet periods, median img/s
-over 8-19 timed blocks): ``demkd`` 78.7 with 0 workers, 76.6 with 2, 68.5 with 8 (CA-MKD's default);
-``aver_logits`` 83.7 / 84.4 with 0 / 2; ``student_ce`` 234 / 270 / 238 with 0 / 2 / 8 (the light step gains
-from overlapping its ~4 % of data time). A CUDA run defaults to CA-MKD's 8 workers (capped at the core
-count) and pinned memory, so that the host does not starve the GPU.
-
-Measured on the 2-core CI VM (AMD EPYC, torch 2.13 CPU, 2 threads, batch 64, real CIFAR-100, 0 workers,
-``--mode all --steps 10 --warmup 3 --repeats 3``, quiet machine, 2048^2 sgemm probe ~190 GFLOP/s): demkd 81.6,
-demkd_logits 87.4, aver_logits 85.0, camkd_features 82.5, teacher_forward 107.8, student_ce 280.7 img/s, i.e.
-0.83 / 0.82 / 0.80 / 0.84 / 0.70 / 0.78 of issue 7's peer figures; with the probe at ~96 GFLOP/s (a slow
-hour of the same VM) every mode runs 10-20 % slower. The loop itself costs only the ~8-12 ms/step of
-host augmentation over the bare compute; the same day a plain Flax vgg13 forward / vgg8 step ran at 212 /
-172 img/s against the 370 / 210 quoted beside the peer figures, so this reference stands against Flax as
-the peer did then (torch/Flax 1.52 vs 1.26 for the teacher forward, 1.63 vs 1.71 for the student step).
-
-Each record also carries ``other_cpu_cores`` (CPU that *other* processes used during each timed block,
-from /proc: on a shared 2-core machine a busy neighbour slows a 2-thread OpenMP team several-fold) and
-``minor_faults_per_step`` (glibc returns large freed activations to the kernel, and a loop that faults
-them back in every step is measurably slower; a forward-only loop is hit hardest). Neither is tuned away:
-the CRD-family loops run on the same allocator.
+``--num-workers`` defaults to 0 on CPU (a worker process can only run by taking a core from the compute
+threads of a small machine) and to CA-MKD's 8 (capped at the core count) with pinned memory on CUDA. Each record
+also carries ``other_cpu_cores`` (CPU used by *other* processes during each timed block, from /proc) and
+``minor_faults_per_step``. Measured figures are in benchmarks/README.md.
 """
 
 from __future__ import annotations

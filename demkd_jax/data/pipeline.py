@@ -16,9 +16,8 @@ The whole split lives on the device as uint8 ``[N, H, W, 3]``. Everything is a f
 - Training batches: :func:`batch_indices` draws epoch ``e = step // steps_per_epoch`` as
   ``jax.random.permutation(fold_in(key, e), n)`` and takes the ``(step % steps_per_epoch)``-th slice of
   ``batch_size`` (static). The last short batch is dropped: ``steps_per_epoch = n // batch_size``.
-  Recomputing the permutation inside every step costs 25-30 ms per step on this 2-core CPU for
-  n = 50,000 (two sorts; negligible on an accelerator), more than the augmentation itself (0.4 ms for a
-  batch of 64). On CPU, compute :func:`epoch_permutation` once at each epoch start (and again after a
+  Recomputing the permutation inside every step (two sorts of n = 50,000) costs more on a CPU than the
+  augmentation itself (benchmarks/README.md). So compute :func:`epoch_permutation` once at each epoch start (and again after a
   restart, from ``(key, epoch)``), pass it to the step as an argument, and call
   :func:`batch_indices_from_permutation` there: the same indices, so the choice does not change a run.
 - Augmentation (docs/method.md §3, torchvision's ``RandomCrop(32, padding=4)`` then ``RandomHorizontalFlip``

@@ -2,10 +2,10 @@
 
 Each 2x2 output tile is computed from a 4x4 input tile with 16 multiplications per channel pair
 instead of 36: the input tiles are transformed (``B^T d B``), multiplied with the transformed kernel
-(``G g G^T``) as 16 batched matrix products over channels, and transformed back (``A^T m A``). XLA's CPU
-convolution runs at 50-100% of the 2-core machine's float32 peak, so the 2.25x fewer multiply-adds are the
-way to go faster; the transforms are memory-bound elementwise passes, which makes the trade worth it only
-on small maps with many channels (:func:`pays_off`). Results equal the direct convolution up to float
+(``G g G^T``) as 16 batched matrix products over channels, and transformed back (``A^T m A``). Where XLA's
+CPU convolution already runs near the machine's float32 peak, the 2.25x fewer multiply-adds are the way to go
+faster; the transforms are memory-bound elementwise passes, which makes the trade worth it only on small maps
+with many channels (:func:`pays_off`; measurements in benchmarks/README.md). Results equal the direct convolution up to float
 rounding (about 1e-6 relative). The layout of the parameters
 is that of ``nn.Conv`` (an HWIO kernel), so checkpoints do not depend on the algorithm, and gradients
 flow through the same formulation (the backward pass is again batched matrix products).
@@ -61,7 +61,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array, *, precision=None) -> jax.Array:
     v = jnp.stack(transformed).reshape(IN_TILE * IN_TILE, n * th * tw, c)
     u = transform_kernel(kernel).astype(v.dtype)
     # Materialise both operands: XLA's CPU backend would otherwise fuse the transforms into the matrix
-    # product and emit a naive loop nest instead of calling its GEMM library (2x slower measured).
+    # product and emit a naive loop nest instead of calling its GEMM library.
     v, u = jax.lax.optimization_barrier((v, u))
     m = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)  # [16, P, C_out]
     m = m.reshape(IN_TILE, IN_TILE, n, th, tw, -1)
@@ -74,11 +74,9 @@ def conv3x3(x: jax.Array, kernel: jax.Array, *, precision=None) -> jax.Array:
     return out[:, :h, :w]
 
 
-# Where Winograd pays on the 2-core CPU (per-layer timings, batch 64, forward and training step): 3x3 layers on
-# maps of at most SMALL_MAP with at least MIN_CHANNELS input channels. With fewer channels the 16 small matrix
-# products run far from the GEMM peak. The 64-channel layers on 16x16 and 32x32 maps go 1.45-1.6x faster alone
-# (benchmarks/conv_layers.py), but not inside a model: XLA fuses those stages' direct convolutions into one
-# YNNPACK subgraph that is already faster than the separate layers (whole DE-MKD step: 752 vs 756 ms).
+# Where Winograd pays on CPU: 3x3 layers on maps of at most SMALL_MAP with at least MIN_CHANNELS input channels.
+# With fewer channels the 16 small matrix products run far from the GEMM peak; larger maps with 64 channels gain
+# alone but not inside a model, where XLA fuses those stages' direct convolutions into one faster subgraph.
 SMALL_MAP = 8
 MIN_CHANNELS = 128
 
