@@ -243,33 +243,34 @@ def _ramp(epoch: jax.Array, start: int, epochs: int) -> jax.Array:
     return (epoch >= start).astype(jnp.float32)
 
 
-def make_train_step(setup: Setup) -> Callable:
-    """Returns ``train_step(state, teacher_vars, images, labels, perm) -> (state, metrics)`` (pure, to be jitted).
-
-    ``perm`` is the epoch's permutation of the training set (:func:`epoch_permutation_fn`, computed on the
-    device once per epoch: recomputing a 50k permutation every step would cost more than the augmentation),
-    ``[R, N]`` with the per-replica data order.
-    """
+def make_batch_fn(setup: Setup) -> Callable:
+    """``batch(images, labels, perm, key, step) -> (x, y)``: step ``step``'s batch of the epoch order ``perm``,
+    gathered and augmented on the device with the stream ``key``."""
     config = setup.config
-    d = config.distill
-    r = setup.method
     dtype = compute_dtype(config)
-    spe = setup.steps_per_epoch
     mean = jnp.asarray(setup.mean, jnp.float32)
     std = jnp.asarray(setup.std, jnp.float32)
-    keys = data_keys(config)
-    per_replica = setup.data_order == "per_replica"
-    lam = methods.feature_weight(r, d)
-    feature_name = "hint" if r.feature_term == "hint" else "feature"
 
     def batch(images, labels, perm, key, step):
         # The global batch, split along the mesh's "data" axis from here on: each device gathers, augments
         # and computes its batch_size / n examples; batch reductions (BatchNorm, losses) become all-reduces.
-        idx = parallel.constrain_batch(data_lib.batch_indices_from_permutation(perm, step % spe, config.batch_size),
+        position = step % setup.steps_per_epoch
+        idx = parallel.constrain_batch(data_lib.batch_indices_from_permutation(perm, position, config.batch_size),
                                        setup.mesh)
         x = data_lib.augment(images[idx], jax.random.fold_in(jax.random.fold_in(key, 1), step), mean, std,
                              padding=config.data.crop_padding, flip=config.data.random_flip)
         return parallel.constrain_batch((x.astype(dtype), labels[idx]), setup.mesh)
+
+    return batch
+
+
+def make_loss_fn(setup: Setup) -> Callable:
+    """``loss(params, batch_stats, x, y, t_logits, t_feats, weights, epoch, teacher_vars) -> (total, (terms,
+    new_batch_stats, student_logits))`` of one student, built from its method's table row (:mod:`methods`)."""
+    distill = setup.config.distill
+    recipe = setup.method
+    lam = methods.feature_weight(recipe, distill)
+    feature_name = "hint" if recipe.feature_term == "hint" else "feature"
 
     def loss_fn(params, batch_stats, x, y, t_logits, t_feats, weights, epoch, teacher_vars):
         variables = {"params": params["student"], "batch_stats": batch_stats["student"]}
@@ -277,24 +278,33 @@ def make_train_step(setup: Setup) -> Callable:
         new_stats = {"student": s_updates["batch_stats"]}
         ce = jnp.mean(losses.cross_entropy(s_logits, y))
         terms = {"ce": ce}
-        total = r.ce_weight * ce
-        if r.method.logit_loss is not None:
-            terms["logit"] = methods.weighted_logit_term(r, s_logits, t_logits, y, weights, d)
-            total = total + _ramp(epoch, 1, r.warmup_epochs) * terms["logit"]
+        total = recipe.ce_weight * ce
+        if recipe.method.logit_loss is not None:
+            terms["logit"] = methods.weighted_logit_term(recipe, s_logits, t_logits, y, weights, distill)
+            total = total + _ramp(epoch, 1, recipe.warmup_epochs) * terms["logit"]
         if setup.connector is not None:
             c_vars = {"params": params["connectors"], "batch_stats": batch_stats["connectors"]}
             projected, c_updates = setup.connector.apply(c_vars, s_feats[setup.feature_index], train=True,
                                                          mutable=["batch_stats"])
             new_stats["connectors"] = c_updates["batch_stats"]
             head_logits = None
-            if r.feature_term == "camkd":
+            if recipe.feature_term == "camkd":
                 # CA-MKD: each teacher's own classifier judges the student's projected feature.
-                judged = jax.lax.stop_gradient(projected) if d.camkd_detach_feature_weights else projected
+                judged = jax.lax.stop_gradient(projected) if distill.camkd_detach_feature_weights else projected
                 head_logits = map_stacked(lambda vf: setup.teacher.apply(vf[0], vf[1], method="head"),
                                           setup.teacher_execution, (teacher_vars, judged))
-            terms[feature_name] = methods.feature_term(r, projected, t_feats, weights, head_logits, y, d)
-            total = total + _ramp(epoch, d.feature_start_epoch, d.feature_warmup_epochs) * lam * terms[feature_name]
+            terms[feature_name] = methods.feature_term(recipe, projected, t_feats, weights, head_logits, y, distill)
+            ramp = _ramp(epoch, distill.feature_start_epoch, distill.feature_warmup_epochs)
+            total = total + ramp * lam * terms[feature_name]
         return total, (terms, new_stats, s_logits)
+
+    return loss_fn
+
+
+def make_replica_update(setup: Setup, loss_fn: Callable) -> Callable:
+    """``update(params, batch_stats, opt_state, x, y, t_logits, t_feats, weights, epoch, teacher_vars)
+    -> ((params, batch_stats, opt_state), metrics)``: one student's gradient step; a non-finite step is dropped."""
+    distill = setup.config.distill
 
     def replica_update(params, batch_stats, opt_state, x, y, t_logits, t_feats, weights, epoch, teacher_vars):
         (loss, (terms, new_stats, s_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -305,7 +315,7 @@ def make_train_step(setup: Setup) -> Callable:
         if setup.connector is not None:
             # PyTorch's SGD skips parameters without a gradient: before the feature term starts, the connectors
             # get neither weight decay nor momentum.
-            frozen = epoch < d.feature_start_epoch
+            frozen = epoch < distill.feature_start_epoch
             new_params = _hold_subtree(frozen, new_params, params, "connectors")
             new_opt_state = _hold_subtree(frozen, new_opt_state, opt_state, "connectors")
         grad_norm = optax.tree.norm(grads)
@@ -326,16 +336,34 @@ def make_train_step(setup: Setup) -> Callable:
         }
         return (_select(ok, new_params, params), _select(ok, new_stats, batch_stats), kept_opt_state), metrics
 
+    return replica_update
+
+
+def make_train_step(setup: Setup) -> Callable:
+    """Returns ``train_step(state, teacher_vars, images, labels, perm) -> (state, metrics)`` (pure, to be jitted).
+
+    ``perm`` is the epoch's permutation of the training set (:func:`epoch_permutation_fn`, computed on the
+    device once per epoch: recomputing a 50k permutation every step would cost more than the augmentation),
+    ``[R, N]`` with the per-replica data order.
+    """
+    distill = setup.config.distill
+    keys = data_keys(setup.config)
+    per_replica = setup.data_order == "per_replica"
+    batch = make_batch_fn(setup)
+    loss_fn = make_loss_fn(setup)
+
+    replica_update = make_replica_update(setup, loss_fn)
+
     def train_step(state: TrainState, teacher_vars: Params, images: jax.Array, labels: jax.Array, perm: jax.Array):
         step = state.step
-        epoch = (step // spe + 1).astype(jnp.float32)  # 1-based, as the lineage counts epochs
+        epoch = (step // setup.steps_per_epoch + 1).astype(jnp.float32)  # 1-based, as the lineage counts epochs
         x = y = t_logits = t_feats = weights = None
         metrics_t = {}
         if not per_replica:
             x, y = batch(images, labels, perm, keys, step)
         if setup.teacher is not None:
             t_logits, t_feats = teacher_forward(setup, teacher_vars, x)
-            weights = jax.lax.stop_gradient(methods.teacher_weights(r.method.name, t_logits, y, d))
+            weights = jax.lax.stop_gradient(methods.teacher_weights(setup.method.method.name, t_logits, y, distill))
             metrics_t = {
                 "teacher_weight": jnp.mean(weights, axis=1),
                 "teacher_entropy": jnp.mean(losses.entropy(t_logits), axis=1),
@@ -542,7 +570,7 @@ def build_setup(config, ds, teachers: Teachers | None) -> Setup:
     resolved = methods.resolve(config)
     image_shape = tuple(int(n) for n in ds.train_images.shape[1:])
     n_train = ds.train_images.shape[0]
-    spe = n_train // config.batch_size
+    steps_per_epoch = n_train // config.batch_size
     student = models.create_model(config.student.model, ds.num_classes, dtype, width=config.student.width,
                                   winograd=resolve_winograd(config.student.winograd, dtype))
     teacher = None
@@ -562,12 +590,12 @@ def build_setup(config, ds, teachers: Teachers | None) -> Setup:
         t_shape = t_feats[feature_index].shape
         connector = models.StackedConnector(num_teachers=num_teachers, out_channels=t_shape[-1],
                                             out_size=(t_shape[1], t_shape[2]), dtype=dtype)
-    schedule = lr_schedule(config, spe)
+    schedule = lr_schedule(config, steps_per_epoch)
     return Setup(
         config=config, method=resolved, student=student, teacher=teacher, connector=connector,
         tx=make_optimizer(config, schedule, resolved.nesterov), lr_schedule=schedule, image_shape=image_shape,
         data_order=config_lib.data_order(config),
-        steps_per_epoch=spe, num_replicas=config_lib.num_replicas(config), num_teachers=num_teachers,
+        steps_per_epoch=steps_per_epoch, num_replicas=config_lib.num_replicas(config), num_teachers=num_teachers,
         replica_execution=resolve_execution(config.execution),
         teacher_execution=resolve_execution(config.teachers.execution), feature_index=feature_index,
         num_train=n_train, mean=tuple(float(m) for m in ds.mean), std=tuple(float(v) for v in ds.std),
@@ -752,15 +780,14 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, 
     """Runs the steps of ``epoch`` left after ``state.step``; returns the state, the averaged training metrics
     (``train_*``, ``skipped_steps``) and the images per second."""
     setup, config = run.setup, run.setup.config
-    spe = setup.steps_per_epoch
     step = int(jax.device_get(state.step))
-    epoch_end = epoch * spe
+    epoch_end = epoch * setup.steps_per_epoch
     primary = parallel.is_primary()
     bar = _progress(epoch_end - step, f"epoch {epoch}/{config.num_epochs}", config.progress_bar and primary)
     t_epoch, images_seen = time.time(), 0
     pending: list[dict] = []
     sums: dict[str, Any] = {}
-    kept = 0  # steps in the averages: a non-finite step (on_nonfinite='skip') is only counted
+    finite_steps = 0  # steps in the averages: a non-finite step (on_nonfinite='skip') is only counted
     perm = run.permutation(epoch)
     while step < epoch_end:
         # Everything the step needs is on the device: an implicit host<->device transfer here is a bug.
@@ -778,17 +805,17 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, 
                 if int(m["nonfinite"]):
                     sums["nonfinite"] = sums.get("nonfinite", 0.0) + np.asarray(m["nonfinite"], np.float64)
                     continue
-                kept += 1
+                finite_steps += 1
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
-            if bar is not None and kept:
-                bar.set_postfix(loss=f"{sums['loss'] / kept:.3f}", acc=f"{sums['accuracy'] / kept:.1f}",
+            if bar is not None and finite_steps:
+                bar.set_postfix(loss=f"{sums['loss'] / finite_steps:.3f}", acc=f"{sums['accuracy'] / finite_steps:.1f}",
                                 img_s=f"{images_seen / (time.time() - t_epoch):.0f}")
             pending = []
     if bar is not None:
         bar.close()
     img_per_s = images_seen / (time.time() - t_epoch)
-    record = {f"train_{k}": _to_python(v / kept) for k, v in sums.items() if k not in ("nonfinite", "lr")}
+    record = {f"train_{k}": _to_python(v / finite_steps) for k, v in sums.items() if k not in ("nonfinite", "lr")}
     record["skipped_steps"] = int(sums.get("nonfinite", 0))
     # The rate the optimizer used in the epoch's last step (the schedule only changes between epochs).
     record["lr"] = float(setup.lr_schedule(epoch_end - 1))
@@ -840,8 +867,8 @@ def fit(config: ml_collections.ConfigDict, workdir: pathlib.Path, ds: data_lib.D
     workdir.mkdir(parents=True, exist_ok=True)
     run = _prepare_run(config, ds, teachers)
     setup = run.setup
-    spe = setup.steps_per_epoch
-    total_steps = spe * config.num_epochs
+    steps_per_epoch = setup.steps_per_epoch
+    total_steps = steps_per_epoch * config.num_epochs
     teacher_summary = None if teachers is None else _evaluate_teachers(run, teachers, log)
 
     checkpointer = ckpt_lib.TrainCheckpointer(
@@ -856,16 +883,16 @@ def fit(config: ml_collections.ConfigDict, workdir: pathlib.Path, ds: data_lib.D
     if step == 0:
         log(f"{setup.method.method.name}: {config.student.model} x {setup.num_replicas} on {ds.name} "
             f"({setup.num_train} train / {run.num_test} test, {setup.data_order} data order), "
-            f"{spe} steps/epoch x {config.num_epochs} epochs; initial compilation...")
+            f"{steps_per_epoch} steps/epoch x {config.num_epochs} epochs; initial compilation...")
     log(f"mesh: {mesh_info['devices']} {mesh_info['platform']} device(s) on axis 'data' "
         f"({mesh_info['processes']} process(es)), {mesh_info['per_device_batch']} examples per device per step, "
         f"dataset {mesh_info['dataset']}")
 
     while step < total_steps:
-        epoch = step // spe + 1
+        epoch = step // steps_per_epoch + 1
         t_epoch = time.time()
         state, train_record, img_per_s = _train_epoch(run, state, epoch)
-        step = epoch * spe
+        step = epoch * steps_per_epoch
         epoch_time = time.time() - t_epoch
         epoch_acc, ensemble_acc = _evaluate(run, state)
         acc = float(np.mean(epoch_acc))
