@@ -13,12 +13,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, repo_env
 from demkd_jax import data
+from demkd_jax.data import download
 from test_data import raises, write_cifar100_pickle
 
 ARCHIVE = "cifar-100-python.tar.gz"
@@ -33,6 +35,7 @@ class ArchiveServer:
         self.cut_after: int | None = None  # the next transfer stops after this many body bytes
         self.die_after: int | None = None  # ... and the server then stops serving
         self.dead = False
+        self.delay_s = 0.0  # before each body
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -60,6 +63,7 @@ class ArchiveServer:
                 body = server.payload[start:]
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                time.sleep(server.delay_s)
                 limit = server.cut_after if server.cut_after is not None else server.die_after
                 if limit is not None:
                     body = body[:limit]
@@ -168,6 +172,19 @@ def test_a_server_dying_mid_download_keeps_the_part_and_a_rerun_completes(tmp_pa
         revived.stop()
     assert revived.ranges == [f"bytes={half}-"] and not part.exists()
     np.testing.assert_array_equal(ds.train_images, splits["train"][0])
+
+
+def test_concurrent_fetches_into_one_cache_download_once(tmp_path, archive, server):
+    server.delay_s = 0.5  # both fetches are under way before the first transfer starts
+    dest = tmp_path / "cache" / ARCHIVE
+    results = []
+    fetch = lambda: results.append(download.fetch_archive(server.url, dest, archive[1], placement_hint="-"))  # noqa: E731
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [dest, dest] and server.ranges == [None] and dest.read_bytes() == archive[0]
 
 
 def test_no_network_is_one_clear_line(tmp_path, archive):
