@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         print(json.dumps({"hw": hw, "cin": cin, "cout": cout, "batch": args.batch,
                           "winograd_default": winograd.pays_off(hw, hw, cin),
                           "ms": {k: round(v, 2) for k, v in ms.items()},
-                          "gflops": {k: round(flop / v / 1e6, 1) for k, v in ms.items()},
+                          "gflops": {k: float(f"{flop / v / 1e6:.3g}") for k, v in ms.items()},
                           "device": str(jax.devices()[0].device_kind), "jax_version": jax.__version__}), flush=True)
     return 0
 

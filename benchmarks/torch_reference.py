@@ -11,7 +11,7 @@ tuned beyond what CRD / RepDistiller / CA-MKD / mdistiller do. Per step, exactly
   this torch build; ``--augment numpy`` gives the same transforms on numpy arrays, without PIL);
 - the student forward with ``is_feat=True`` (train mode), then the K = 3 teachers one after the other under
   ``torch.no_grad()`` (eval mode);
-- the losses of SPEC.md section 3 written per teacher in eager PyTorch (mdistiller's DKD with a per-example
+- the losses of docs/method.md §2 written per teacher in eager PyTorch (mdistiller's DKD with a per-example
   reduction, the "camkd" entropy weights, CA-MKD's ``Embed`` connectors and per-example MSE);
 - ``loss.item()`` and the top-1/top-5 accuracy into AverageMeters (``.item()`` for the loss, tensors for
   the accuracies in the distillation loops, ``.item()`` for both in ``train_vanilla``), ``optimizer.zero_grad()``,
@@ -82,7 +82,9 @@ from torch.utils.data import DataLoader, Dataset
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-from demkd_jax.torch_models import create_torch_model  # noqa: E402  (torch only; no jax import)
+if str(REPO_ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from torch_models import create_torch_model  # noqa: E402  (torch only; no jax import)
 
 try:  # torchvision's CIFAR100 dataset hands PIL images to the transforms; pillow is a project dependency.
     from PIL import Image, ImageOps
@@ -309,7 +311,7 @@ def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, temperat
 
 
 def entropy_weights(logit_t_list: Sequence[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """SPEC's "camkd" entropy weights ``(1 − softmax_k(H_k)) / (K − 1)``, ``[K, B]``, H of softmax(z/T_w)."""
+    """The "camkd" entropy weights ``(1 − softmax_k(H_k)) / (K − 1)``, ``[K, B]``, H of softmax(z/T_w)."""
     entropies = []
     for logit_t in logit_t_list:
         log_p = F.log_softmax(logit_t / temperature, dim=1)
@@ -326,7 +328,7 @@ def confidence_weights(logit_t_list: Sequence[torch.Tensor], target: torch.Tenso
 
 def weighted_dkd_loss(logit_s: torch.Tensor, logit_t_list: Sequence[torch.Tensor], target: torch.Tensor,
                       weight: torch.Tensor, alpha: float, beta: float, temperature: float) -> torch.Tensor:
-    """DE-MKD's logit term ``mean_x Σ_k w_k(x) · DKD(z_s, z_k, y)`` (SPEC: batch mean, no extra 1/K)."""
+    """DE-MKD's logit term ``mean_x Σ_k w_k(x) · DKD(z_s, z_k, y)`` (batch mean, no extra 1/K)."""
     loss_div = torch.stack([dkd_loss(logit_s, logit_t, target, alpha, beta, temperature)
                             for logit_t in logit_t_list], dim=0)
     return torch.mul(weight, loss_div).sum() / loss_div.shape[1]
@@ -334,7 +336,7 @@ def weighted_dkd_loss(logit_s: torch.Tensor, logit_t_list: Sequence[torch.Tensor
 
 def weighted_feature_mse(trans_feat_s_list: Sequence[torch.Tensor], feat_t_list: Sequence[torch.Tensor],
                          weight: torch.Tensor) -> torch.Tensor:
-    """``mean_x Σ_k w_k(x) · mean_{c,h,w} (r_k(f_s) − f_k)²`` (CA-MKD's per-example MSE, SPEC's reduction)."""
+    """``mean_x Σ_k w_k(x) · mean_{c,h,w} (r_k(f_s) − f_k)²`` (CA-MKD's per-example MSE, DE-MKD's sum reduction)."""
     bsz = weight.shape[1]
     loss_st = torch.stack([F.mse_loss(s, t, reduction="none").reshape(bsz, -1).mean(-1)
                            for s, t in zip(trans_feat_s_list, feat_t_list)], dim=0)

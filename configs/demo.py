@@ -23,7 +23,7 @@ def get_config():
     config.distill.method = "demkd"
     config.distill.features = True
     config.distill.warmup_epochs = 2
-    config.distill.beta = 2.0  # SPEC: beta = 2 for the small ResNet pairs
+    config.distill.beta = 2.0  # docs/method.md §3: beta = 2 for the small ResNet pairs
     config.num_epochs = 6
     config.batch_size = 64
     config.eval_batch_size = 120

@@ -1,4 +1,4 @@
-"""DE-MKD, 3 x wrn_40_2 -> ShuffleV2 on CIFAR-100 (SPEC.md: lr 0.01 for ShuffleNets, beta 8)."""
+"""DE-MKD, 3 x wrn_40_2 -> ShuffleV2 on CIFAR-100 (docs/method.md §3: lr 0.01 for ShuffleNets, beta 8)."""
 
 from demkd_jax.config import base_config
 

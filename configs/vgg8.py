@@ -1,4 +1,4 @@
-"""DE-MKD, 3 x vgg13 -> vgg8 on CIFAR-100: the paper's headline pair (SPEC.md sections 3-4).
+"""DE-MKD, 3 x vgg13 -> vgg8 on CIFAR-100: the paper's headline pair (docs/method.md §2-3).
 
 Without teacher checkpoints the run first trains the three vgg13 teachers (same recipe, seeds 1000..1002)
 in <workdir>/teachers. Bring your own with
@@ -19,7 +19,7 @@ def get_config():
     config.teachers.num = 3
     config.distill.method = "demkd"
     config.distill.features = True
-    config.distill.beta = 6.0  # SPEC: beta = 6 for VGG13 -> VGG8
+    config.distill.beta = 6.0  # docs/method.md §3: beta = 6 for VGG13 -> VGG8
     config.optim.learning_rate = 0.05
     config.num_epochs = 240
     config.batch_size = 64

@@ -1,7 +1,8 @@
 """Configuration: the base ``ml_collections.ConfigDict`` every ``configs/*.py`` starts from, and validation.
 
-Defaults follow SPEC.md section 4 (the CRD/CA-MKD CIFAR-100 recipe). Sentinels: ``distill.warmup_epochs = -1``
-means the method's default (20 for the DKD-based methods ``dkd``/``demkd``, 0 otherwise).
+Defaults follow docs/method.md §3 (the CRD/CA-MKD CIFAR-100 recipe). ``None`` (``distill.ce_weight``,
+``distill.kd_weight``, ``optim.nesterov``) and ``-1`` (``distill.warmup_epochs``) mean the method's own value
+from the table in :mod:`demkd_jax.methods`.
 :func:`validate` checks a config before any data loading or compilation and raises :class:`ConfigError`
 naming the bad value and what was expected; with the teachers' ``teacher.json`` files (architecture, class count)
 it reads nothing else. :func:`validate_data` checks what needs the loaded data (batch size against the training
@@ -15,15 +16,18 @@ import os
 
 import jax
 import ml_collections
+from ml_collections import config_dict
 
 from demkd_jax import checkpoint as ckpt_lib
 from demkd_jax import data as data_lib
+from demkd_jax import losses
+from demkd_jax import methods
 from demkd_jax import models
 from demkd_jax import parallel
 
-METHODS = ("ce", "kd", "dkd", "aver", "ebkd", "camkd", "demkd", "fitnet_mkd")
-SINGLE_TEACHER_METHODS = ("kd", "dkd")
+METHODS = methods.METHOD_NAMES
 WEIGHT_SCHEMES = ("camkd", "softmax", "ebkd", "uniform")
+DATA_ORDERS = ("auto", "shared", "per_replica")
 EXECUTIONS = ("auto", "vmap", "loop")
 WINOGRAD_MODES = ("auto", "on", "off")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -46,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Teacher training (method "ce"): train this many models at once and write each as a teacher checkpoint.
     c.ensemble_size = 0
     c.execution = "auto"  # how the seed/ensemble axis runs: vmap, loop (unrolled), or auto (by backend)
+    # Data order and augmentation of the replicas: "shared" (one stream, keyed by the seed), "per_replica" (an
+    # independent stream per model: a teacher ensemble of independently trained members), "auto" (per_replica
+    # for a teacher ensemble, shared otherwise: students share the teachers' forward, so they share the batch).
+    c.data_order = "auto"
 
     c.data = data_lib.default_data_config()
 
@@ -68,25 +76,34 @@ def base_config() -> ml_collections.ConfigDict:
     c.teachers.learning_rate = -1.0  # -1: the student's learning rate
 
     c.distill = ml_collections.ConfigDict()
-    c.distill.method = "demkd"
+    c.distill.method = "demkd"  # a name from demkd_jax.methods.METHODS
     c.distill.features = True  # intermediate-feature term (demkd, camkd)
-    c.distill.weights = "camkd"  # DE-MKD entropy weighting scheme (SPEC section 3)
+    c.distill.weights = "camkd"  # DE-MKD entropy weighting scheme (docs/method.md §2)
     c.distill.weight_temperature = 1.0  # T_w of the entropy
     c.distill.weight_tau = 1.0  # tau of the "softmax" scheme
     c.distill.temperature = 4.0
     c.distill.alpha = 1.0  # TCKD
     c.distill.beta = 8.0  # NCKD
-    c.distill.ce_weight = 1.0  # gamma
+    c.distill.ce_weight = config_dict.placeholder(float)  # gamma; None: the method's (0.1 for kd, else 1)
+    c.distill.kd_weight = config_dict.placeholder(float)  # weight of the logit term; None: the method's
+    # DE-MKD (and dkd_uniform) over teachers: "sum" of the weighted per-teacher losses (the entropy weights sum to
+    # 1, so the term has single-teacher DKD's scale, for which alpha/beta/warm-up were tuned) or "mean" (that sum
+    # divided by K, CA-MKD's convention). The baselines use their references' reductions.
+    c.distill.teacher_reduction = "sum"
     c.distill.feature_weight = 50.0  # lambda
-    c.distill.warmup_epochs = -1  # -1: 20 for dkd/demkd, 0 otherwise
+    c.distill.warmup_epochs = -1  # -1: the method's (20 for the DKD-based methods, 0 otherwise)
     c.distill.feature_start_epoch = 2  # the feature term is off in epoch 1
+    c.distill.feature_warmup_epochs = 0  # > 0: the feature term ramps up linearly over this many epochs from its start
+    # CA-MKD's feature weights depend on the student (each teacher's head judges its projected feature); its code
+    # lets the gradient flow through them (False). True makes them constants.
+    c.distill.camkd_detach_feature_weights = False
     c.distill.hint_layer = 2  # FitNet-MKD: index into the feature list of student and teachers
     c.distill.hint_weight = 100.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 0.05
     c.optim.momentum = 0.9
-    c.optim.nesterov = True
+    c.optim.nesterov = config_dict.placeholder(bool)  # None: the method's reference (mdistiller's kd/dkd: False)
     c.optim.weight_decay = 5e-4
     c.optim.lr_decay_epochs = (150, 180, 210)
     c.optim.lr_decay_rate = 0.1
@@ -117,22 +134,30 @@ def _fail(msg: str) -> None:
 
 
 def warmup_epochs(config) -> int:
-    w = config.distill.warmup_epochs
-    if w >= 0:
-        return int(w)
-    return 20 if config.distill.method in ("dkd", "demkd") else 0
+    return methods.resolve(config).warmup_epochs
 
 
 def uses_features(config) -> bool:
-    method = config.distill.method
-    return method == "fitnet_mkd" or (method in ("demkd", "camkd") and bool(config.distill.features))
+    return methods.resolve(config).feature_term != "none"
+
+
+def is_teacher_ensemble(config) -> bool:
+    """A run that trains ``ensemble_size`` models with CE and exports them as teacher checkpoints."""
+    return config.ensemble_size > 0
 
 
 def num_replicas(config) -> int:
     """Models trained side by side in one step: the teacher ensemble, or the student seeds."""
-    if config.distill.method == "ce" and config.ensemble_size > 0:
+    if is_teacher_ensemble(config):
         return int(config.ensemble_size)
     return int(config.num_seeds)
+
+
+def data_order(config) -> str:
+    """``shared`` or ``per_replica`` (``auto`` resolved: per replica for a teacher ensemble)."""
+    if config.data_order != "auto":
+        return config.data_order
+    return "per_replica" if is_teacher_ensemble(config) else "shared"
 
 
 def validate(config, *, workdir: str | None = None) -> None:
@@ -140,6 +165,17 @@ def validate(config, *, workdir: str | None = None) -> None:
     d, o = config.distill, config.optim
     if d.method not in METHODS:
         _fail(f"unknown method {d.method!r} (config.distill.method); expected one of {', '.join(METHODS)}")
+    method = methods.get(d.method)
+    if d.teacher_reduction not in losses.TEACHER_REDUCTIONS:
+        _fail(f"unknown config.distill.teacher_reduction {d.teacher_reduction!r}; expected one of "
+              f"{', '.join(losses.TEACHER_REDUCTIONS)}")
+    if config.data_order not in DATA_ORDERS:
+        _fail(f"unknown config.data_order {config.data_order!r}; expected one of {', '.join(DATA_ORDERS)}")
+    for name in ("ce_weight", "kd_weight"):
+        if d[name] is not None and not (_is_number(d[name]) and math.isfinite(d[name]) and d[name] >= 0):
+            _fail(f"config.distill.{name} must be a number >= 0 (or None for the method's default), got {d[name]!r}")
+    if not (_is_int(d.feature_warmup_epochs) and d.feature_warmup_epochs >= 0):
+        _fail(f"config.distill.feature_warmup_epochs must be an integer >= 0, got {d.feature_warmup_epochs!r}")
     if d.weights not in WEIGHT_SCHEMES:
         _fail(f"unknown weighting scheme {d.weights!r} (config.distill.weights); expected one of "
               f"{', '.join(WEIGHT_SCHEMES)}")
@@ -178,34 +214,37 @@ def validate(config, *, workdir: str | None = None) -> None:
         _fail(f"config.optim.momentum must be in [0, 1), got {o.momentum!r}")
     if not (_is_number(o.lr_decay_rate) and math.isfinite(o.lr_decay_rate) and o.lr_decay_rate > 0):
         _fail(f"config.optim.lr_decay_rate must be a positive number, got {o.lr_decay_rate!r}")
-    bad_epochs = [e for e in o.lr_decay_epochs if not _is_int(e)]
+    bad_epochs = [e for e in o.lr_decay_epochs if not (_is_int(e) and e >= 0)]
     if bad_epochs:
-        _fail(f"config.optim.lr_decay_epochs must be integer epochs, got {tuple(o.lr_decay_epochs)!r}")
+        _fail(f"config.optim.lr_decay_epochs must be integer epochs >= 0, got {tuple(o.lr_decay_epochs)!r}")
     for name in ("temperature", "weight_temperature", "weight_tau"):
         if not d[name] > 0:
             _fail(f"config.distill.{name} must be > 0, got {d[name]!r}")
     if config.ensemble_size < 0:
         _fail(f"config.ensemble_size must be >= 0, got {config.ensemble_size}")
-    if config.ensemble_size > 0 and d.method != "ce":
+    if config.ensemble_size > 0 and method.teachers != "none":
         _fail(f"config.ensemble_size={config.ensemble_size} trains teachers and needs method 'ce', got {d.method!r}; "
               "use config.num_seeds for several students")
     if config.ensemble_size > 1 and config.num_seeds > 1:
         _fail("set either config.ensemble_size (teachers) or config.num_seeds (students), not both")
+    if config.data_order == "per_replica" and method.teachers != "none":
+        _fail(f"config.data_order='per_replica' with method {d.method!r}: distilled students share the teachers' "
+              "forward and so one batch; use 'shared' (or 'auto')")
 
-    if d.method != "ce":
+    if method.teachers != "none":
         ckpts = tuple(config.teachers.checkpoints)
         k = len(ckpts) if ckpts else config.teachers.num
         if not ckpts and not config.teachers.model:
             _fail(f"method {d.method!r} needs teachers: set config.teachers.checkpoints to teacher directories, "
                   "or config.teachers.model (and teachers.num) to train them first")
-        if d.method in SINGLE_TEACHER_METHODS and k != 1:
+        if method.teachers == "one" and k != 1:
             _fail(f"method {d.method!r} distils from exactly 1 teacher, got {k}; use 'aver' (KD) or 'demkd' "
                   "(DKD) for several")
-        if d.method not in SINGLE_TEACHER_METHODS and k < 2 and (
-            d.method == "camkd" or (d.method == "demkd" and d.weights in ("camkd", "ebkd"))
-        ):
-            scheme = "CA-MKD" if d.method == "camkd" else f"the {d.weights!r} weights"
-            _fail(f"method {d.method!r} with {k} teacher: {scheme} divide by K - 1, so K must be >= 2")
+        divides = {"confidence": "CA-MKD's weights", "ebkd": "the 'ebkd' weights"}.get(method.weighting)
+        if method.weighting == "entropy" and d.weights in ("camkd", "ebkd"):
+            divides = f"the {d.weights!r} weights"
+        if method.teachers == "many" and k < 2 and divides:
+            _fail(f"method {d.method!r} with {k} teacher: {divides} divide by K - 1, so K must be >= 2")
         if k < 1:
             _fail(f"config.teachers.num must be >= 1, got {k}")
         for path in ckpts:
@@ -215,7 +254,7 @@ def validate(config, *, workdir: str | None = None) -> None:
         metas = ckpt_lib.check_teacher_dirs(ckpts, model_name=config.teachers.model or None)
         teacher_model = metas[0]["model"] if metas else config.teachers.model
         teacher_width = float(metas[0].get("width", 1.0)) if metas else float(config.teachers.width)
-        if d.method == "fitnet_mkd":
+        if method.feature_term == "hint":
             if not _is_int(d.hint_layer):
                 _fail(f"config.distill.hint_layer must be an integer feature index, got {d.hint_layer!r}")
             for who, name, width in (("student", config.student.model, config.student.width),
@@ -236,7 +275,7 @@ def validate_data(config, ds: data_lib.Dataset) -> None:
     if config.batch_size > n_train:
         _fail(f"config.batch_size={config.batch_size} is larger than the training set ({n_train} images of "
               f"{ds.name}); expected at most {n_train}")
-    if config.distill.method != "ce" and config.teachers.checkpoints:
+    if methods.get(config.distill.method).teachers != "none" and config.teachers.checkpoints:
         ckpt_lib.check_teacher_dirs(tuple(config.teachers.checkpoints), num_classes=ds.num_classes)
 
 

@@ -406,14 +406,15 @@ def _checkpoint_metadata(checkpoint: Any) -> dict[str, Any]:
     return meta
 
 
-def sanity_forward(model_name: str, num_classes: int, variables: Mapping[str, Any]) -> str:
-    """An eval-mode forward of the converted model on a fixed random batch; raises if it is not finite."""
+def sanity_forward(model_name: str, num_classes: int, variables: Mapping[str, Any], image_size: int = 32) -> str:
+    """An eval-mode forward of the converted model on a fixed random batch of ``image_size`` x ``image_size``
+    images; raises if it is not finite."""
     import jax
 
     from demkd_jax import models
 
     model = models.create_model(model_name, num_classes)
-    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((2, image_size, image_size, 3)).astype(np.float32)
     logits, feats = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
     logits = np.asarray(logits)
     if not (np.all(np.isfinite(logits)) and all(np.all(np.isfinite(np.asarray(f))) for f in feats)):
@@ -443,6 +444,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=None,
                         help="classifier width (default: read from the classifier weight)")
     parser.add_argument("--no-check", action="store_true", help="skip the sanity forward of the converted model")
+    parser.add_argument("--image-size", type=int, default=32, help="input height = width of the sanity forward")
     parser.add_argument("--weights-only", action="store_true",
                         help="refuse files that need torch.load(weights_only=False) (old pickles)")
     args = parser.parse_args(None if argv is None else list(argv))
@@ -453,7 +455,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         path = pathlib.Path(args.torch).absolute()
         loaded = load_torch_file(path, allow_unsafe=not args.weights_only)
         variables, num_classes = _convert(loaded, args.model, args.num_classes)
-        check = "" if args.no_check else "; " + sanity_forward(args.model, num_classes, variables)
+        check = "" if args.no_check else "; " + sanity_forward(args.model, num_classes, variables, args.image_size)
         meta = {"source": "torch", "torch_file": str(path), "torch_sha256": _sha256(path),
                 **_checkpoint_metadata(loaded)}
         out = checkpoint.save_teacher(args.out, variables, model_name=args.model, num_classes=num_classes,

@@ -1,4 +1,4 @@
-"""Distillation losses and teacher weights of DE-MKD and its baselines (SPEC.md sections 3-5).
+"""Distillation losses and teacher weights of DE-MKD and its baselines (docs/method.md §2, §4).
 
 Conventions:
 - Logits are ``[B, C]``; teacher-stacked arrays carry the teacher axis first (``[K, B, C]``,
@@ -11,7 +11,8 @@ Conventions:
 - Teacher logits, teacher features and teacher weights are constants for the gradient
   (``jax.lax.stop_gradient`` inside each function; :func:`camkd_feature_weights` has a switch).
 - Per-example losses return ``[B]``; the multi-teacher losses reduce to a scalar with the mean over the
-  batch and the *sum* over teachers (CA-MKD's code divides by ``B * K`` instead, an extra ``1/K``).
+  batch and, over teachers, the weighted sum (``reduction="sum"``) or that sum divided by K
+  (``reduction="mean"``: CA-MKD's code divides its weighted sums by ``B * K``).
 - ``temperature``, ``alpha``, ``beta``, ``tau`` may be Python floats or traced scalars (pass arrays to a
   jitted step to avoid recompiling per value). Shapes are checked with chex at trace time; ``scheme`` and
   ``kind`` are static strings.
@@ -19,18 +20,16 @@ Conventions:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from demkd_jax.models.layers import batch_norm, torch_default_bias, torch_default_kernel
 
 __all__ = [
     "WEIGHT_SCHEMES",
     "LOGIT_LOSS_KINDS",
+    "TEACHER_REDUCTIONS",
     "cross_entropy",
     "kd",
     "tckd",
@@ -43,15 +42,13 @@ __all__ = [
     "multi_teacher_logit_loss",
     "feature_mse",
     "fitnet_hint_loss",
-    "resize_feature_map",
-    "Connector",
-    "StackedConnector",
 ]
 
 Scalar = float | jax.Array
 
 WEIGHT_SCHEMES: tuple[str, ...] = ("camkd", "softmax", "ebkd", "uniform")
 LOGIT_LOSS_KINDS: tuple[str, ...] = ("dkd", "kd")
+TEACHER_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -87,6 +84,16 @@ def _check_teachers(teacher_logits: jax.Array, what: str, *, min_teachers: int =
     k = teacher_logits.shape[0]
     if k < min_teachers:
         raise ValueError(f"{what} needs at least {min_teachers} teachers (it divides by K - 1), got K = {k}")
+
+
+def _reduce_teachers(weighted: jax.Array, reduction: str) -> jax.Array:
+    """``[K, B]`` weighted per-teacher losses -> scalar: mean over the batch of the sum (or mean) over teachers."""
+    if reduction not in TEACHER_REDUCTIONS:
+        raise ValueError(f"unknown teacher reduction {reduction!r}; expected one of: {', '.join(TEACHER_REDUCTIONS)}")
+    per_example = jnp.sum(weighted, axis=0)
+    if reduction == "mean":
+        per_example = per_example / weighted.shape[0]
+    return jnp.mean(per_example)
 
 
 def _target_mask(labels: jax.Array, num_classes: int) -> jax.Array:
@@ -230,7 +237,7 @@ def entropy_weights(
     """Per-example teacher weights from the entropy of each teacher's prediction. ``[K, B, C] -> [K, B]``.
 
     H_k(x) = entropy(z_k(x), T_w) with T_w = ``temperature``; lower entropy -> larger weight. Schemes
-    (SPEC.md section 3):
+    (docs/method.md §2):
 
     - ``"camkd"`` (default): w_k = (1 − softmax_k(H_k)) / (K − 1); Σ_k w_k = 1; needs K >= 2.
     - ``"softmax"``: w_k = softmax_k(−H_k / τ); Σ_k w_k = 1.
@@ -286,8 +293,8 @@ def camkd_feature_weights(
     w_k = (1 − softmax_k(CE(head_logits_k, y))) / (K − 1), as :func:`confidence_weights`.
 
     CA-MKD's reference implementation lets the gradient flow through these weights into the student and
-    the connectors; SPEC.md treats all weights as constants, so the default stops it.
-    ``stop_gradient=False`` restores the reference behaviour.
+    the connectors (``stop_gradient=False``, what method ``camkd`` uses by default); ``True`` makes them
+    constants like every other teacher weight.
     """
     _check_teachers(head_logits, "camkd_feature_weights", min_teachers=2)
     _check_labels(labels, *head_logits.shape[1:])
@@ -311,12 +318,14 @@ def multi_teacher_logit_loss(
     alpha: Scalar = 1.0,
     beta: Scalar = 8.0,
     temperature: Scalar = 4.0,
+    reduction: str = "sum",
 ) -> jax.Array:
     """Weighted multi-teacher logit loss L = mean_x Σ_k w_k(x) · ℓ(z_s(x), z_k(x), y). Scalar.
 
     ``kind="dkd"``: ℓ = DKD(α, β, T) (DE-MKD); ``kind="kd"``: ℓ = KD(T) (AVER, EBKD, CA-MKD baselines;
-    ``labels``, ``alpha`` and ``beta`` are then unused). Shapes: student ``[B, C]``, teachers
-    ``[K, B, C]``, labels ``[B]``, weights ``[K, B]`` (constant for the gradient).
+    ``labels``, ``alpha`` and ``beta`` are then unused). ``reduction="mean"`` divides the sum over teachers
+    by K. Shapes: student ``[B, C]``, teachers ``[K, B, C]``, labels ``[B]``, weights ``[K, B]`` (constant
+    for the gradient).
     """
     if kind not in LOGIT_LOSS_KINDS:
         raise ValueError(f"unknown logit loss kind {kind!r}; expected one of: {', '.join(LOGIT_LOSS_KINDS)}")
@@ -331,139 +340,42 @@ def multi_teacher_logit_loss(
         per_teacher = jax.vmap(lambda z_k: kd(student_logits, z_k, temperature))
     losses = per_teacher(teacher_logits)  # [K, B]
     w = jax.lax.stop_gradient(_f32(weights))
-    return jnp.mean(jnp.sum(w * losses, axis=0))
+    return _reduce_teachers(w * losses, reduction)
 
 
 def feature_mse(
-    student_projected: jax.Array, teacher_features: jax.Array, weights: jax.Array
+    student_projected: jax.Array,
+    teacher_features: jax.Array,
+    weights: jax.Array,
+    *,
+    reduction: str = "sum",
+    detach_weights: bool = True,
 ) -> jax.Array:
     """Weighted multi-teacher feature loss L_feat = mean_x Σ_k w_k(x) · mean_{h,w,c} (r_k(f_s) − f_k)². Scalar.
 
     ``student_projected[k]`` = r_k(f_s), the student map through teacher k's connector; all ``[K, B, H, W, C]``;
-    weights ``[K, B]``. Teacher features and weights are constants for the gradient.
+    weights ``[K, B]``. ``reduction="mean"`` divides the sum over teachers by K. Teacher features are
+    constants for the gradient; so are the weights unless ``detach_weights=False`` (CA-MKD's feature term,
+    whose weights depend on the student).
     """
     chex.assert_rank([student_projected, teacher_features], 5)
     chex.assert_equal_shape([student_projected, teacher_features])
     chex.assert_shape(weights, student_projected.shape[:2])
     diff = _f32(student_projected) - jax.lax.stop_gradient(_f32(teacher_features))
     per = jnp.mean(jnp.square(diff), axis=(2, 3, 4))  # [K, B]
-    w = jax.lax.stop_gradient(_f32(weights))
-    return jnp.mean(jnp.sum(w * per, axis=0))
+    w = _f32(weights)
+    if detach_weights:
+        w = jax.lax.stop_gradient(w)
+    return _reduce_teachers(w * per, reduction)
 
 
 def fitnet_hint_loss(student_projected: jax.Array, teacher_hints: jax.Array) -> jax.Array:
     """FitNet-MKD hint loss: (1/K) Σ_k mean_{b,h,w,c} (r_k(f_s) − f_k)². Scalar.
 
-    ``[K, B, H, W, C] x 2``; the hints are constants for the gradient. The weight λ (100 in SPEC.md
+    ``[K, B, H, W, C] x 2``; the hints are constants for the gradient. The weight λ (100 in docs/method.md
     section 5) is applied by the trainer.
     """
     chex.assert_rank([student_projected, teacher_hints], 5)
     chex.assert_equal_shape([student_projected, teacher_hints])
     diff = _f32(student_projected) - jax.lax.stop_gradient(_f32(teacher_hints))
     return jnp.mean(jnp.mean(jnp.square(diff), axis=(1, 2, 3, 4)))
-
-
-# --------------------------------------------------------------------------------------------------------
-# Feature connectors.
-
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
-
-
-def resize_feature_map(x: jax.Array, out_size: int | Sequence[int]) -> jax.Array:
-    """Resizes an NHWC map to ``out_size`` (int or (H, W)) spatially, per axis.
-
-    A larger axis is average-pooled with window = stride = ratio, which is PyTorch's
-    ``adaptive_avg_pool2d`` for an integer ratio (a non-integer ratio raises ValueError). A smaller axis is
-    then upsampled bilinearly, half-pixel centres: PyTorch's ``F.interpolate(mode="bilinear",
-    align_corners=False)``.
-    """
-    chex.assert_rank(x, 4)
-    out_h, out_w = _pair(out_size)
-    b, h, w, c = x.shape
-    if min(out_h, out_w) < 1:
-        raise ValueError(f"out_size must be positive, got {(out_h, out_w)}")
-
-    def ratio(n: int, o: int) -> int:
-        if n <= o:
-            return 1
-        if n % o:
-            raise ValueError(
-                f"cannot average-pool a {h}x{w} feature map to {out_h}x{out_w}: {n} is not a multiple of {o}"
-            )
-        return n // o
-
-    rh, rw = ratio(h, out_h), ratio(w, out_w)
-    if rh > 1 or rw > 1:
-        x = nn.avg_pool(x, (rh, rw), strides=(rh, rw))
-    if x.shape[1:3] != (out_h, out_w):
-        # Only upsampling is left here, where jax.image.resize's antialiasing does nothing.
-        x = jax.image.resize(x, (b, out_h, out_w, c), method="bilinear")
-    return x
-
-
-class Connector(nn.Module):
-    """Student-to-teacher feature connector r_k: resize -> 1x1 conv (with bias) -> BatchNorm -> ReLU.
-
-    Resizes the student map to the teacher's spatial size (:func:`resize_feature_map`), then projects to
-    the teacher's ``out_channels`` as CA-MKD's ``Embed`` (1x1 conv with PyTorch's default init, BN with
-    momentum 0.9 in Flax terms and eps 1e-5), followed by a ReLU (``use_relu=False`` drops it).
-    ``dtype`` is the computation dtype; parameters are float32.
-
-    ``connector.apply(variables, student_map[B, H, W, C_s], train=True, mutable=["batch_stats"])``
-    returns ``[B, out_size, out_size, out_channels]`` (and the updated statistics).
-    """
-
-    out_channels: int
-    out_size: int | tuple[int, int]
-    dtype: Any = jnp.float32
-    use_relu: bool = True
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        chex.assert_rank(x, 4)
-        x = resize_feature_map(x.astype(self.dtype), self.out_size)
-        fan_in = x.shape[-1]
-        x = nn.Conv(
-            self.out_channels,
-            (1, 1),
-            use_bias=True,
-            kernel_init=torch_default_kernel,
-            bias_init=torch_default_bias(fan_in),
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="conv",
-        )(x)
-        x = batch_norm(None, self.dtype, name="bn")(x, use_running_average=not train)
-        return nn.relu(x) if self.use_relu else x
-
-
-class StackedConnector(nn.Module):
-    """K connectors for K teachers of one architecture, with variables stacked on a leading axis.
-
-    ``nn.vmap`` of :class:`Connector` over the teacher axis (params and batch_stats stacked on axis 0,
-    independent initialisations); one student map ``[B, H, W, C_s]`` in, ``[K, B, out_size, out_size,
-    out_channels]`` out. Slicing the variables at ``k`` gives a plain ``Connector``'s variables.
-    """
-
-    num_teachers: int
-    out_channels: int
-    out_size: int | tuple[int, int]
-    dtype: Any = jnp.float32
-    use_relu: bool = True
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        stacked = nn.vmap(
-            Connector,
-            variable_axes={"params": 0, "batch_stats": 0},
-            split_rngs={"params": True},
-            in_axes=None,
-            out_axes=0,
-            axis_size=self.num_teachers,
-        )
-        return stacked(self.out_channels, self.out_size, self.dtype, self.use_relu, name="connector")(x, train)

@@ -26,6 +26,7 @@ import ml_collections
 
 from demkd_jax import config as config_lib
 from demkd_jax import hostmem
+from demkd_jax import methods
 from demkd_jax import train
 
 # Student variants of the table: (label, method, use the feature term).
@@ -39,11 +40,11 @@ VARIANTS = (
     ("DE-MKD (logits)", "demkd", False),
     ("DE-MKD", "demkd", True),
 )
-SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # SPEC: lr 0.01
+SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # docs/method.md §3: lr 0.01
 
 
 def spec_beta(teacher: str, student: str) -> float:
-    """NCKD weight by pair (SPEC.md section 4)."""
+    """NCKD weight by pair (docs/method.md §3)."""
     if (teacher, student) in {("vgg13", "vgg8"), ("vgg13", "MobileNetV2"), ("wrn_40_2", "wrn_16_2"),
                               ("wrn_40_2", "wrn_40_1")}:
         return 6.0
@@ -105,7 +106,7 @@ def student_config(args, method: str, features: bool, teacher_dirs: list[str]) -
         c.teachers.checkpoints = ()
         c.teachers.model = ""
     else:
-        c.teachers.checkpoints = tuple(teacher_dirs[:1] if method in config_lib.SINGLE_TEACHER_METHODS
+        c.teachers.checkpoints = tuple(teacher_dirs[:1] if methods.get(method).teachers == "one"
                                        else teacher_dirs)
     return c
 
@@ -209,7 +210,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", type=lambda s: s.split(","), default=None,
                    help=f"subset, comma-separated, of: {', '.join(v[0] for v in VARIANTS)} (or method names)")
     p.add_argument("--scale-warmup", action="store_true",
-                   help="scale the 20-epoch KD warm-up with --epochs (default: keep SPEC's 20)")
+                   help="scale the 20-epoch KD warm-up with --epochs (default: keep the recipe's 20)")
     p.add_argument("--data-source", default="tfds")
     p.add_argument("--data-name", default="cifar100")
     p.add_argument("--data-path", default="")

@@ -1,6 +1,9 @@
-"""Training: teacher ensembles (method ``ce``) and multi-teacher distillation, one jit-compiled step.
+"""Training: teacher ensembles and multi-teacher distillation, one jit-compiled step.
 
-``train_and_evaluate(config, workdir)`` is the entry point (``main.py`` is a thin CLI around it).
+``train_and_evaluate(config, workdir)`` is the entry point (``main.py`` is a thin CLI around it). Its phases:
+load and check the data; train the teachers (:func:`train_teachers`, when the config names none) or load them;
+then :func:`fit` (set up, restore or initialise, train and evaluate epoch by epoch, write the summary); a
+teacher-ensemble run finally exports its members (:func:`export_teachers`).
 
 One step (:func:`make_train_step`) runs, inside a single XLA graph: batch selection and augmentation of the
 on-device dataset -> the K frozen teachers' forwards (teacher variables stacked on a leading axis, vmapped
@@ -11,6 +14,7 @@ or the members of a teacher ensemble) that share the batch and the teachers' for
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -31,6 +35,7 @@ from demkd_jax import checkpoint as ckpt_lib
 from demkd_jax import config as config_lib
 from demkd_jax import data as data_lib
 from demkd_jax import losses
+from demkd_jax import methods
 from demkd_jax import models
 from demkd_jax import parallel
 
@@ -52,10 +57,14 @@ class Setup:
     """The static parts of a run, fixed at trace time."""
 
     config: ml_collections.ConfigDict
+    method: methods.Resolved  # the loss's recipe: the method's table row with the config's overrides
     student: nn.Module
     teacher: nn.Module | None  # the teachers' (possibly BN-folded) architecture
     connector: nn.Module | None
     tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule  # step -> learning rate, the one inside ``tx``
+    image_shape: tuple[int, int, int]  # H, W, C of the dataset's images
+    data_order: str  # "shared" or "per_replica"
     steps_per_epoch: int
     num_replicas: int
     num_teachers: int
@@ -76,10 +85,6 @@ class Setup:
     def dataset_sharding(self) -> jax.sharding.Sharding | None:
         """The on-device splits: replicated or row-sharded (``config.mesh.dataset``)."""
         return None if self.mesh is None else parallel.dataset_sharding(self.mesh, self.config.mesh.dataset)
-
-    @property
-    def method(self) -> str:
-        return self.config.distill.method
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,18 +118,30 @@ def map_stacked(fn: Callable, execution: str, stacked: Any, *shared: Any) -> Any
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
 
 
-def data_seed_key(config) -> jax.Array:
-    """The key of the data order and augmentation: a function of the seed only, shared by the replicas."""
-    return jax.random.PRNGKey(config.seed)
+def data_keys(config) -> jax.Array:
+    """The key(s) of the data order and augmentation, functions of the seed only.
+
+    ``shared`` data order: one key, every replica sees the same batches. ``per_replica``: ``[R]`` keys, one
+    independent stream per replica.
+    """
+    base = jax.random.PRNGKey(config.seed)
+    if config_lib.data_order(config) == "shared":
+        return base
+    stream = jax.random.fold_in(base, 2)
+    return jnp.stack([jax.random.fold_in(stream, r) for r in range(config_lib.num_replicas(config))])
 
 
 def epoch_permutation_fn(config, num_train: int, sharding: jax.sharding.Sharding | None = None
                          ) -> Callable[[int], jax.Array]:
     """``epoch -> permutation`` (1-based epochs), jitted; the order of the training set in that epoch.
 
-    ``sharding``: where the permutation is placed (the trainer: replicated on the mesh, a global array).
+    ``[N]``, or ``[R, N]`` (one order per replica) with the per-replica data order. ``sharding``: where the
+    permutation is placed (the trainer: replicated on the mesh, a global array).
     """
-    fn = jax.jit(lambda e: data_lib.epoch_permutation(data_seed_key(config), e, num_train), out_shardings=sharding)
+    keys = data_keys(config)
+    one = lambda key, e: data_lib.epoch_permutation(key, e, num_train)
+    perm = one if keys.ndim == 1 else jax.vmap(one, in_axes=(0, None))
+    fn = jax.jit(lambda e: perm(keys, e), out_shardings=sharding)
     return lambda epoch: fn(jnp.int32(epoch - 1))
 
 
@@ -132,24 +149,30 @@ def compute_dtype(config) -> jnp.dtype:
     return jnp.dtype(config.dtype)
 
 
-def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """PyTorch SGD: coupled L2 weight decay on every parameter, (Nesterov) momentum, step-decayed lr."""
+def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+    """Step decay as PyTorch's ``MultiStepLR`` stepped once per epoch (and CRD's ``adjust_learning_rate``).
+
+    Epoch e (1-based) runs at ``learning_rate * lr_decay_rate ** n``, n = how many entries of
+    ``lr_decay_epochs`` are < e; an epoch listed twice decays twice.
+    """
     o = config.optim
-    boundaries = {int(e) * steps_per_epoch: o.lr_decay_rate for e in o.lr_decay_epochs
-                  if 0 < int(e) < config.num_epochs + 1}
-    schedule = optax.piecewise_constant_schedule(o.learning_rate, boundaries)
+    counts = collections.Counter(int(e) for e in o.lr_decay_epochs if int(e) < config.num_epochs)
+    boundaries = {e * steps_per_epoch: o.lr_decay_rate ** n for e, n in sorted(counts.items())}
+    return optax.piecewise_constant_schedule(o.learning_rate, boundaries)
+
+
+def make_optimizer(config, schedule: optax.Schedule, nesterov: bool) -> optax.GradientTransformation:
+    """PyTorch SGD: coupled L2 weight decay on every parameter, (Nesterov) momentum, the rate from ``schedule``."""
+    o = config.optim
     return optax.chain(
         optax.add_decayed_weights(o.weight_decay),
-        optax.sgd(schedule, momentum=o.momentum or None, nesterov=bool(o.nesterov and o.momentum)),
+        optax.sgd(schedule, momentum=o.momentum or None, nesterov=bool(nesterov and o.momentum)),
     )
 
 
-def learning_rate(config, steps_per_epoch: int, step: int) -> float:
-    lr = config.optim.learning_rate
-    for e in config.optim.lr_decay_epochs:
-        if step >= int(e) * steps_per_epoch:
-            lr *= config.optim.lr_decay_rate
-    return lr
+def schedule_count(opt_state: optax.OptState) -> jax.Array:
+    """The step count of the optimizer's learning-rate schedule."""
+    return optax.tree_utils.tree_get(opt_state, "count")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,7 +181,7 @@ def learning_rate(config, steps_per_epoch: int, step: int) -> float:
 
 def init_state(setup: Setup, rng: jax.Array) -> TrainState:
     """R independently initialised students (+ connectors), stacked on a leading replica axis."""
-    x = jnp.zeros((2, 32, 32, 3), jnp.float32)
+    x = jnp.zeros((2, *setup.image_shape), jnp.float32)
 
     def init_one(key):
         k_student, k_conn = jax.random.split(key)
@@ -192,20 +215,6 @@ def teacher_forward(setup: Setup, teacher_vars: Params, x: jax.Array) -> tuple[j
     return jax.lax.stop_gradient(logits), (None if feats is None else jax.lax.stop_gradient(feats))
 
 
-def logit_weights(setup: Setup, t_logits: jax.Array, labels: jax.Array) -> jax.Array:
-    d = setup.config.distill
-    method = setup.method
-    if method in config_lib.SINGLE_TEACHER_METHODS:
-        return jnp.ones(t_logits.shape[:2], jnp.float32)
-    if method in ("aver", "fitnet_mkd"):
-        return losses.entropy_weights(t_logits, scheme="uniform")
-    if method == "ebkd":
-        return losses.entropy_weights(t_logits, scheme="ebkd")
-    if method == "camkd":
-        return losses.confidence_weights(t_logits, labels)
-    return losses.entropy_weights(t_logits, scheme=d.weights, temperature=d.weight_temperature, tau=d.weight_tau)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The step
 
@@ -215,92 +224,118 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
+def _select(pred: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def _hold_subtree(hold: jax.Array, new: Any, old: Any, key: str) -> Any:
+    """``new`` with the leaves under dict key ``key`` (e.g. the connectors) taken from ``old`` where ``hold``."""
+    def pick(path, a, b):
+        under = any(isinstance(p, jax.tree_util.DictKey) and p.key == key for p in path)
+        return jnp.where(hold, b, a) if under else a
+    return jax.tree_util.tree_map_with_path(pick, new, old)
+
+
+def _ramp(epoch: jax.Array, start: int, epochs: int) -> jax.Array:
+    """0 before epoch ``start``, then linear up to 1 over ``epochs`` epochs (a step to 1 when ``epochs`` is 0)."""
+    if epochs > 0:
+        return jnp.clip((epoch - start + 1) / epochs, 0.0, 1.0)
+    return (epoch >= start).astype(jnp.float32)
+
+
 def make_train_step(setup: Setup) -> Callable:
     """Returns ``train_step(state, teacher_vars, images, labels, perm) -> (state, metrics)`` (pure, to be jitted).
 
-    ``perm`` is the epoch's permutation of the training set (:func:`epoch_permutation`, computed on the
-    device once per epoch: recomputing a 50k permutation every step would cost more than the augmentation).
+    ``perm`` is the epoch's permutation of the training set (:func:`epoch_permutation_fn`, computed on the
+    device once per epoch: recomputing a 50k permutation every step would cost more than the augmentation),
+    ``[R, N]`` with the per-replica data order.
     """
     config = setup.config
     d = config.distill
-    method = setup.method
+    r = setup.method
     dtype = compute_dtype(config)
     spe = setup.steps_per_epoch
-    warmup = config_lib.warmup_epochs(config)
-    logit_kind = {"kd": "kd", "aver": "kd", "ebkd": "kd", "camkd": "kd", "dkd": "dkd", "demkd": "dkd"}.get(method)
     mean = jnp.asarray(setup.mean, jnp.float32)
     std = jnp.asarray(setup.std, jnp.float32)
-    data_key = data_seed_key(config)
+    keys = data_keys(config)
+    per_replica = setup.data_order == "per_replica"
+    lam = methods.feature_weight(r, d)
+    feature_name = "hint" if r.feature_term == "hint" else "feature"
+
+    def batch(images, labels, perm, key, step):
+        # The global batch, split along the mesh's "data" axis from here on: each device gathers, augments
+        # and computes its batch_size / n examples; batch reductions (BatchNorm, losses) become all-reduces.
+        idx = parallel.constrain_batch(data_lib.batch_indices_from_permutation(perm, step % spe, config.batch_size),
+                                       setup.mesh)
+        x = data_lib.augment(images[idx], jax.random.fold_in(jax.random.fold_in(key, 1), step), mean, std,
+                             padding=config.data.crop_padding, flip=config.data.random_flip)
+        return parallel.constrain_batch((x.astype(dtype), labels[idx]), setup.mesh)
+
+    def loss_fn(params, batch_stats, x, y, t_logits, t_feats, weights, epoch, teacher_vars):
+        variables = {"params": params["student"], "batch_stats": batch_stats["student"]}
+        (s_logits, s_feats), s_updates = setup.student.apply(variables, x, train=True, mutable=["batch_stats"])
+        new_stats = {"student": s_updates["batch_stats"]}
+        ce = jnp.mean(losses.cross_entropy(s_logits, y))
+        terms = {"ce": ce}
+        total = r.ce_weight * ce
+        if r.method.logit_loss is not None:
+            terms["logit"] = methods.weighted_logit_term(r, s_logits, t_logits, y, weights, d)
+            total = total + _ramp(epoch, 1, r.warmup_epochs) * terms["logit"]
+        if setup.connector is not None:
+            c_vars = {"params": params["connectors"], "batch_stats": batch_stats["connectors"]}
+            projected, c_updates = setup.connector.apply(c_vars, s_feats[setup.feature_index], train=True,
+                                                         mutable=["batch_stats"])
+            new_stats["connectors"] = c_updates["batch_stats"]
+            head_logits = None
+            if r.feature_term == "camkd":
+                # CA-MKD: each teacher's own classifier judges the student's projected feature.
+                judged = jax.lax.stop_gradient(projected) if d.camkd_detach_feature_weights else projected
+                head_logits = map_stacked(lambda vf: setup.teacher.apply(vf[0], vf[1], method="head"),
+                                          setup.teacher_execution, (teacher_vars, judged))
+            terms[feature_name] = methods.feature_term(r, projected, t_feats, weights, head_logits, y, d)
+            total = total + _ramp(epoch, d.feature_start_epoch, d.feature_warmup_epochs) * lam * terms[feature_name]
+        return total, (terms, new_stats, s_logits)
 
     def replica_update(params, batch_stats, opt_state, x, y, t_logits, t_feats, weights, epoch, teacher_vars):
-        def loss_fn(params):
-            variables = {"params": params["student"], "batch_stats": batch_stats["student"]}
-            (s_logits, s_feats), s_updates = setup.student.apply(variables, x, train=True, mutable=["batch_stats"])
-            new_stats = {"student": s_updates["batch_stats"]}
-            ce = jnp.mean(losses.cross_entropy(s_logits, y))
-            terms = {"ce": ce}
-            total = d.ce_weight * ce if method != "ce" else ce
-            if logit_kind is not None:
-                warm = jnp.minimum(epoch / warmup, 1.0) if warmup > 0 else 1.0
-                terms["logit"] = losses.multi_teacher_logit_loss(
-                    s_logits, t_logits, y, weights, kind=logit_kind, alpha=d.alpha, beta=d.beta,
-                    temperature=d.temperature)
-                total = total + warm * terms["logit"]
-            if setup.connector is not None:
-                c_vars = {"params": params["connectors"], "batch_stats": batch_stats["connectors"]}
-                projected, c_updates = setup.connector.apply(c_vars, s_feats[setup.feature_index], train=True,
-                                                             mutable=["batch_stats"])
-                new_stats["connectors"] = c_updates["batch_stats"]
-                on = (epoch >= d.feature_start_epoch).astype(jnp.float32)
-                if method == "fitnet_mkd":
-                    terms["hint"] = losses.fitnet_hint_loss(projected, t_feats)
-                    total = total + on * d.hint_weight * terms["hint"]
-                else:
-                    if method == "camkd":
-                        # CA-MKD: each teacher's own classifier judges the student's projected feature.
-                        head_logits = map_stacked(
-                            lambda vf: setup.teacher.apply(vf[0], vf[1], method="head"), setup.teacher_execution,
-                            (teacher_vars, jax.lax.stop_gradient(projected)))
-                        feat_weights = losses.camkd_feature_weights(head_logits, y)
-                    else:
-                        feat_weights = weights
-                    terms["feature"] = losses.feature_mse(projected, t_feats, feat_weights)
-                    total = total + on * d.feature_weight * terms["feature"]
-            return total, (terms, new_stats, s_logits)
-
-        (loss, (terms, new_stats, s_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, (terms, new_stats, s_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, batch_stats, x, y, t_logits, t_feats, weights, epoch, teacher_vars)
+        lr = setup.lr_schedule(schedule_count(opt_state))
         updates, new_opt_state = setup.tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
+        if setup.connector is not None:
+            # PyTorch's SGD skips parameters without a gradient: before the feature term starts, the connectors
+            # get neither weight decay nor momentum.
+            frozen = epoch < d.feature_start_epoch
+            new_params = _hold_subtree(frozen, new_params, params, "connectors")
+            new_opt_state = _hold_subtree(frozen, new_opt_state, opt_state, "connectors")
         grad_norm = optax.tree.norm(grads)
         # Finite loss and gradients can still overflow in the update (a huge learning rate): check the result too.
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((new_params, new_stats, new_opt_state))
-        # A non-finite step never reaches the state (config.on_nonfinite decides whether the run stops).
-        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+        # A non-finite step never reaches the state (config.on_nonfinite decides whether the run stops); the
+        # schedule still advances, so the learning rate stays a function of the step.
+        kept_opt_state = optax.tree_utils.tree_set(_select(ok, new_opt_state, opt_state),
+                                                   count=schedule_count(new_opt_state))
         metrics = {
             "loss": loss,
             **terms,
             "accuracy": jnp.mean(jnp.argmax(s_logits, -1) == y) * 100.0,
             "grad_norm": grad_norm,
             "param_norm": optax.tree.norm(params),
+            "lr": lr,
             "nonfinite": (~ok).astype(jnp.int32),
         }
-        return (keep(new_params, params), keep(new_stats, batch_stats), keep(new_opt_state, opt_state)), metrics
+        return (_select(ok, new_params, params), _select(ok, new_stats, batch_stats), kept_opt_state), metrics
 
     def train_step(state: TrainState, teacher_vars: Params, images: jax.Array, labels: jax.Array, perm: jax.Array):
         step = state.step
         epoch = (step // spe + 1).astype(jnp.float32)  # 1-based, as the lineage counts epochs
-        # The global batch, split along the mesh's "data" axis from here on: each device gathers, augments
-        # and computes its batch_size / n examples; batch reductions (BatchNorm, losses) become all-reduces.
-        idx = parallel.constrain_batch(data_lib.batch_indices_from_permutation(perm, step % spe, config.batch_size),
-                                       setup.mesh)
-        x = data_lib.augment(images[idx], jax.random.fold_in(jax.random.fold_in(data_key, 1), step), mean, std,
-                             padding=config.data.crop_padding, flip=config.data.random_flip)
-        x, y = parallel.constrain_batch((x.astype(dtype), labels[idx]), setup.mesh)
-        t_logits = t_feats = weights = None
+        x = y = t_logits = t_feats = weights = None
         metrics_t = {}
+        if not per_replica:
+            x, y = batch(images, labels, perm, keys, step)
         if setup.teacher is not None:
             t_logits, t_feats = teacher_forward(setup, teacher_vars, x)
-            weights = jax.lax.stop_gradient(logit_weights(setup, t_logits, y))
+            weights = jax.lax.stop_gradient(methods.teacher_weights(r.method.name, t_logits, y, d))
             metrics_t = {
                 "teacher_weight": jnp.mean(weights, axis=1),
                 "teacher_entropy": jnp.mean(losses.entropy(t_logits), axis=1),
@@ -308,11 +343,12 @@ def make_train_step(setup: Setup) -> Callable:
             }
 
         def update(member):
-            params, stats, opt = member
-            return replica_update(params, stats, opt, x, y, t_logits, t_feats, weights, epoch, teacher_vars)
+            params, stats, opt = member[:3]
+            xb, yb = batch(images, labels, member[3], member[4], step) if per_replica else (x, y)
+            return replica_update(params, stats, opt, xb, yb, t_logits, t_feats, weights, epoch, teacher_vars)
 
-        (params, stats, opt_state), metrics = map_stacked(
-            update, setup.replica_execution, (state.params, state.batch_stats, state.opt_state))
+        members = (state.params, state.batch_stats, state.opt_state) + ((perm, keys) if per_replica else ())
+        (params, stats, opt_state), metrics = map_stacked(update, setup.replica_execution, members)
         metrics = {k: (jnp.sum(v) if k == "nonfinite" else jnp.mean(v)) for k, v in metrics.items()}
         metrics.update(metrics_t)
         new_state = TrainState(step=step + 1, params=params, batch_stats=stats, opt_state=opt_state)
@@ -402,6 +438,7 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.distill.method = "ce"
     c.ensemble_size = t.num
     c.num_seeds = 1
+    c.data_order = "auto"
     c.student.model = t.model
     c.student.width = t.width
     c.student.winograd = t.winograd
@@ -440,9 +477,24 @@ class Teachers:
     folded: bool
 
 
-def prepare_teachers(config, workdir: pathlib.Path, num_classes: int, log: Callable = print) -> Teachers | None:
-    """Loads the configured teacher checkpoints, or trains the teacher ensemble first (resumably)."""
-    if config.distill.method == "ce":
+def train_teachers(config: ml_collections.ConfigDict, workdir: pathlib.Path, ds: data_lib.Dataset) -> dict:
+    """The teacher phase: trains ``config.ensemble_size`` models with CE in one step, exports each as a teacher.
+
+    Resumable like any run; returns its summary (with ``teacher_dirs``).
+    """
+    config_lib.validate(config, workdir=str(workdir))
+    summary, state = fit(config, workdir, ds, None)
+    summary["teacher_dirs"] = [str(d) for d in export_teachers(config, workdir, ds, state, summary)]
+    if parallel.is_primary():
+        ckpt_lib.write_json_atomic(workdir / "summary.json", summary)
+    return summary
+
+
+def prepare_teachers(config, workdir: pathlib.Path | None, ds: data_lib.Dataset,
+                     log: Callable = print) -> Teachers | None:
+    """Loads the configured teacher checkpoints, or runs the teacher phase first (resumably); None for a method
+    without teachers."""
+    if methods.get(config.distill.method).teachers == "none":
         return None
     if config.teachers.checkpoints:
         dirs = [pathlib.Path(p) for p in config.teachers.checkpoints]
@@ -451,17 +503,44 @@ def prepare_teachers(config, workdir: pathlib.Path, num_classes: int, log: Calla
         dirs = teacher_dirs(t_workdir, config.teachers.num)
         if not all((d / ckpt_lib.TEACHER_META).is_file() for d in dirs):
             log(f"training {config.teachers.num} x {config.teachers.model} teachers in {t_workdir}")
-            train_and_evaluate(teacher_config(config), str(t_workdir))
-    name, width, variables, _ = load_teachers(config, dirs, num_classes)
+            train_teachers(teacher_config(config), t_workdir, ds)
+    name, width, variables, _ = load_teachers(config, dirs, ds.num_classes)
     if config.teachers.fold_bn:
         variables = jax.vmap(models.fold_batchnorm)(variables)
     return Teachers(name, width, variables, tuple(dirs), bool(config.teachers.fold_bn))
 
 
+def export_teachers(config, workdir: pathlib.Path, ds: data_lib.Dataset, state: TrainState,
+                    summary: dict) -> list[pathlib.Path]:
+    """Writes every member of a trained ensemble as a teacher checkpoint ``<workdir>/teacher_<k>``."""
+    replicas = config_lib.num_replicas(config)
+    dirs = teacher_dirs(workdir, replicas)
+    # Every process calls Orbax (it writes once, from process 0); the barrier keeps the other processes from
+    # reading teacher.json before process 0 wrote it.
+    host_state = jax.device_get(state)
+    for k, d in enumerate(dirs):
+        variables = {"params": jax.tree_util.tree_map(lambda a: a[k], host_state.params["student"]),
+                     "batch_stats": jax.tree_util.tree_map(lambda a: a[k], host_state.batch_stats["student"])}
+        ckpt_lib.save_teacher(d, variables, model_name=config.student.model, num_classes=ds.num_classes,
+                              width=config.student.width,
+                              metadata={"test_acc": summary["final_test_acc"][k], "dataset": ds.name,
+                                        "epochs": config.num_epochs, "seed": config.seed, "member": k,
+                                        "data_order": summary["data_order"]})
+    parallel.sync("demkd_jax: teachers exported")
+    return dirs
+
+
+def _feature_shapes(model: nn.Module, variables: Params | None, image_shape) -> list:
+    x0 = jnp.zeros((2, *image_shape), jnp.float32)
+    init = (lambda: model.init(jax.random.PRNGKey(0), x0, train=False)) if variables is None else (lambda: variables)
+    return jax.eval_shape(lambda: model.apply(init(), x0, train=False)[1])
+
+
 def build_setup(config, ds, teachers: Teachers | None) -> Setup:
     """The static description of the run: models, connectors, optimizer, execution modes."""
     dtype = compute_dtype(config)
-    method = config.distill.method
+    resolved = methods.resolve(config)
+    image_shape = tuple(int(n) for n in ds.train_images.shape[1:])
     n_train = ds.train_images.shape[0]
     spe = n_train // config.batch_size
     student = models.create_model(config.student.model, ds.num_classes, dtype, width=config.student.width,
@@ -473,21 +552,21 @@ def build_setup(config, ds, teachers: Teachers | None) -> Setup:
                                       winograd=resolve_winograd(config.teachers.winograd, dtype))
     num_teachers = 0 if teachers is None else jax.tree_util.tree_leaves(teachers.variables)[0].shape[0]
     feature_index = connector = None
-    if config_lib.uses_features(config):
-        feature_index = config.distill.hint_layer if method == "fitnet_mkd" else -2
-        x0 = jnp.zeros((2, 32, 32, 3), jnp.float32)
-        s_feats = jax.eval_shape(lambda: student.apply(student.init(jax.random.PRNGKey(0), x0, train=False),
-                                                         x0, train=False)[1])
-        t_feats = jax.eval_shape(lambda: teacher.apply(jax.tree_util.tree_map(lambda a: a[0], teachers.variables),
-                                                         x0, train=False)[1])
+    if resolved.feature_term != "none":
+        feature_index = config.distill.hint_layer if resolved.feature_term == "hint" else -2
+        s_feats = _feature_shapes(student, None, image_shape)
+        t_feats = _feature_shapes(teacher, jax.tree_util.tree_map(lambda a: a[0], teachers.variables), image_shape)
         for who, name, feats in (("student", config.student.model, s_feats),
                                  ("teacher", teachers.model_name, t_feats)):
             config_lib.check_feature_index(feature_index, who, name, len(feats) - 1)
         t_shape = t_feats[feature_index].shape
-        connector = losses.StackedConnector(num_teachers=num_teachers, out_channels=t_shape[-1],
-                                            out_size=t_shape[1], dtype=dtype)
+        connector = models.StackedConnector(num_teachers=num_teachers, out_channels=t_shape[-1],
+                                            out_size=(t_shape[1], t_shape[2]), dtype=dtype)
+    schedule = lr_schedule(config, spe)
     return Setup(
-        config=config, student=student, teacher=teacher, connector=connector, tx=make_optimizer(config, spe),
+        config=config, method=resolved, student=student, teacher=teacher, connector=connector,
+        tx=make_optimizer(config, schedule, resolved.nesterov), lr_schedule=schedule, image_shape=image_shape,
+        data_order=config_lib.data_order(config),
         steps_per_epoch=spe, num_replicas=config_lib.num_replicas(config), num_teachers=num_teachers,
         replica_execution=resolve_execution(config.execution),
         teacher_execution=resolve_execution(config.teachers.execution), feature_index=feature_index,
@@ -583,7 +662,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (teachers with method 'ce', or a distilled student) in ``workdir``; resumes if it holds a run.
+    """Trains (a teacher ensemble, or a student: distilled, or with CE alone) in ``workdir``; resumes a run there.
 
     Returns the summary that is also written to ``<workdir>/summary.json``.
 
@@ -593,128 +672,209 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     parallel.initialize_distributed(config.distributed)  # before anything touches a device
     # Every check that can fail on a bad input runs before anything is compiled or written into the workdir.
     config_lib.validate(config, workdir=workdir)
-    t_start = time.time()
     workdir = pathlib.Path(workdir).absolute()
-    method = config.distill.method
-    replicas = config_lib.num_replicas(config)
-    dtype = compute_dtype(config)
-
     ds = data_lib.load_dataset(config.data)
     config_lib.validate_data(config, ds)
-    workdir.mkdir(parents=True, exist_ok=True)
-    n_train = ds.train_images.shape[0]
-    spe = n_train // config.batch_size
-    total_steps = spe * config.num_epochs
-    primary = parallel.is_primary()
-    log = parallel.primary_only(print)
+    if config_lib.is_teacher_ensemble(config):
+        return train_teachers(config, workdir, ds)
+    teachers = prepare_teachers(config, workdir, ds, parallel.primary_only(print))
+    summary, _ = fit(config, workdir, ds, teachers)
+    return summary
 
-    teachers = prepare_teachers(config, workdir, ds.num_classes, log)
+
+@dataclasses.dataclass
+class _Run:
+    """What the epochs of :func:`fit` share: the compiled functions and the on-device data."""
+
+    setup: Setup
+    train_step: Callable
+    student_eval: Callable
+    permutation: Callable[[int], jax.Array]
+    teacher_vars: Params | None
+    train: tuple[jax.Array, jax.Array]
+    test: tuple[jax.Array, jax.Array]
+    num_test: int
+    eval_batch: int
+
+
+def _prepare_run(config, ds: data_lib.Dataset, teachers: Teachers | None) -> _Run:
     setup = build_setup(config, ds, teachers)
     mesh = setup.mesh
-    teacher_vars = None if teachers is None else parallel.put_replicated(teachers.variables, mesh)
-    teacher_summary: dict[str, Any] = {} if teachers is None else {"model": teachers.model_name,
-                                                                  "dirs": [str(d) for d in teachers.dirs]}
-    teacher, num_teachers = setup.teacher, setup.num_teachers
-
-    train_images, train_labels = parallel.put_dataset(ds.train_images, ds.train_labels, mesh, config.mesh.dataset)
-    test_images, test_labels = parallel.put_dataset(ds.test_images, ds.test_labels, mesh, config.mesh.dataset)
     n_test = ds.test_images.shape[0]
     eval_batch = config.eval_batch_size
     if eval_batch > n_test:  # a small test split: the largest batch it fills that is a multiple of the devices
         eval_batch = max(mesh.size, n_test - n_test % mesh.size)
-    student_eval = jit_eval_fn(setup, setup.student, setup.replica_execution, n_test, eval_batch, dtype)
+    return _Run(
+        setup=setup, train_step=jit_train_step(setup),
+        student_eval=jit_eval_fn(setup, setup.student, setup.replica_execution, n_test, eval_batch,
+                                 compute_dtype(config)),
+        permutation=epoch_permutation_fn(config, setup.num_train, setup.replicated),
+        teacher_vars=None if teachers is None else parallel.put_replicated(teachers.variables, mesh),
+        train=parallel.put_dataset(ds.train_images, ds.train_labels, mesh, config.mesh.dataset),
+        test=parallel.put_dataset(ds.test_images, ds.test_labels, mesh, config.mesh.dataset),
+        num_test=n_test, eval_batch=eval_batch)
 
-    # --- teachers' own accuracy, once
-    if teacher is not None:
-        t_eval = jit_eval_fn(setup, teacher, setup.teacher_execution, n_test, eval_batch, dtype)
-        correct, ens = jax.device_get(t_eval(teacher_vars, test_images, test_labels))
-        teacher_summary["test_acc"] = [round(100.0 * float(c) / n_test, 2) for c in correct]
-        teacher_summary["ensemble_test_acc"] = round(100.0 * float(ens) / n_test, 2)
-        log(f"teachers ({teacher_summary['model']} x {num_teachers}): test top-1 {teacher_summary['test_acc']}, "
-            f"ensemble {teacher_summary['ensemble_test_acc']}")
 
-    # --- state: fresh or resumed
+def _evaluate_teachers(run: _Run, teachers: Teachers, log: Callable) -> dict:
+    """The teachers' own test accuracy and their ensemble's, once per run."""
+    setup = run.setup
+    n_test = run.num_test
+    t_eval = jit_eval_fn(setup, setup.teacher, setup.teacher_execution, n_test, run.eval_batch,
+                         compute_dtype(setup.config))
+    correct, ens = jax.device_get(t_eval(run.teacher_vars, *run.test))
+    summary = {"model": teachers.model_name, "dirs": [str(d) for d in teachers.dirs],
+               "test_acc": [round(100.0 * float(c) / n_test, 2) for c in correct],
+               "ensemble_test_acc": round(100.0 * float(ens) / n_test, 2)}
+    log(f"teachers ({summary['model']} x {setup.num_teachers}): test top-1 {summary['test_acc']}, "
+        f"ensemble {summary['ensemble_test_acc']}")
+    return summary
+
+
+def _restore_or_init(run: _Run, workdir: pathlib.Path, checkpointer: ckpt_lib.TrainCheckpointer,
+                     metrics_log: MetricsLog, log: Callable) -> tuple[TrainState, list[dict]]:
+    """The newest checkpoint that reads back exactly (newer corrupted ones are reported and set aside), or a
+    fresh state; with the epoch records kept from before the restored step."""
+    setup, config = run.setup, run.setup.config
+    rng = jax.random.PRNGKey(config.seed)
+    resumed = checkpointer.restore_latest(abstract_state(setup, rng))
+    if resumed is not None:
+        latest, state = resumed
+        history = [r for r in metrics_log.truncate_after(latest) if "test_acc" in r]
+        log(f"resumed from {checkpointer.directory} at step {latest} (epoch {latest // setup.steps_per_epoch})")
+        return state, history
+    metrics_log.truncate_after(0)
+    if parallel.is_primary():
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    return jit_init_state(setup, rng), []
+
+
+def _train_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, dict, float]:
+    """Runs the steps of ``epoch`` left after ``state.step``; returns the state, the averaged training metrics
+    (``train_*``, ``skipped_steps``) and the images per second."""
+    setup, config = run.setup, run.setup.config
+    spe = setup.steps_per_epoch
+    step = int(jax.device_get(state.step))
+    epoch_end = epoch * spe
+    primary = parallel.is_primary()
+    bar = _progress(epoch_end - step, f"epoch {epoch}/{config.num_epochs}", config.progress_bar and primary)
+    t_epoch, images_seen = time.time(), 0
+    pending: list[dict] = []
+    sums: dict[str, Any] = {}
+    kept = 0  # steps in the averages: a non-finite step (on_nonfinite='skip') is only counted
+    perm = run.permutation(epoch)
+    while step < epoch_end:
+        # Everything the step needs is on the device: an implicit host<->device transfer here is a bug.
+        with jax.transfer_guard("disallow"):
+            state, metrics = run.train_step(state, run.teacher_vars, *run.train, perm)
+        pending.append(metrics)
+        step += 1
+        images_seen += config.batch_size
+        if bar is not None:
+            bar.update(1)
+        if len(pending) >= config.log_every_steps or step == epoch_end:
+            fetched = jax.device_get(pending)  # the only host sync inside an epoch
+            check_finite(step - len(fetched), fetched, config.on_nonfinite)
+            for m in fetched:
+                if int(m["nonfinite"]):
+                    sums["nonfinite"] = sums.get("nonfinite", 0.0) + np.asarray(m["nonfinite"], np.float64)
+                    continue
+                kept += 1
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
+            if bar is not None and kept:
+                bar.set_postfix(loss=f"{sums['loss'] / kept:.3f}", acc=f"{sums['accuracy'] / kept:.1f}",
+                                img_s=f"{images_seen / (time.time() - t_epoch):.0f}")
+            pending = []
+    if bar is not None:
+        bar.close()
+    img_per_s = images_seen / (time.time() - t_epoch)
+    record = {f"train_{k}": _to_python(v / kept) for k, v in sums.items() if k not in ("nonfinite", "lr")}
+    record["skipped_steps"] = int(sums.get("nonfinite", 0))
+    # The rate the optimizer used in the epoch's last step (the schedule only changes between epochs).
+    record["lr"] = float(setup.lr_schedule(epoch_end - 1))
+    return state, record, img_per_s
+
+
+def _evaluate(run: _Run, state: TrainState) -> tuple[list[float], float]:
+    """Test top-1 per replica and of the replicas' ensemble (mean of their probabilities)."""
+    student_vars = {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
+    correct, ens = jax.device_get(run.student_eval(student_vars, *run.test))
+    return [round(100.0 * float(c) / run.num_test, 2) for c in correct], round(100.0 * float(ens) / run.num_test, 2)
+
+
+def _summary(config, ds: data_lib.Dataset, setup: Setup, history: list[dict], t_start: float,
+             teacher_summary: dict | None) -> dict:
+    final = history[-1] if history else {}
+    per_replica_best = np.max(np.array([r["test_acc_per_replica"] for r in history]), axis=0) if history else []
+    summary = {
+        "method": setup.method.method.name, "student": config.student.model, "dataset": ds.name,
+        "replicas": setup.num_replicas, "epochs": config.num_epochs, "data_order": setup.data_order,
+        "loss": {"ce_weight": setup.method.ce_weight, "kd_weight": setup.method.kd_weight,
+                 "warmup_epochs": setup.method.warmup_epochs, "teacher_reduction": setup.method.reduction,
+                 "feature_term": setup.method.feature_term, "nesterov": setup.method.nesterov},
+        "final_test_acc": final.get("test_acc_per_replica"),
+        "best_test_acc": [float(a) for a in per_replica_best],
+        "final_test_acc_mean": float(np.mean(final["test_acc_per_replica"])) if final else None,
+        "final_test_acc_std": float(np.std(final["test_acc_per_replica"])) if final else None,
+        "best_test_acc_mean": float(np.mean(per_replica_best)) if history else None,
+        "best_test_acc_std": float(np.std(per_replica_best)) if history else None,
+        "img_per_s": float(np.median([r["img_per_s"] for r in history])) if history else None,
+        "wall_time_s": round(time.time() - t_start, 1),
+        "skipped_steps": int(sum(r.get("skipped_steps", 0) for r in history)),  # resumed epochs included
+        "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+        "jax_version": jax.__version__, "mesh": parallel.describe(setup.mesh, config),
+    }
+    if teacher_summary:
+        summary["teachers"] = teacher_summary
+    if setup.method.method.teachers == "none" and setup.num_replicas > 1:
+        summary["ensemble_test_acc"] = final.get("ensemble_test_acc")
+    return summary
+
+
+def fit(config: ml_collections.ConfigDict, workdir: pathlib.Path, ds: data_lib.Dataset,
+        teachers: Teachers | None) -> tuple[dict, TrainState]:
+    """Trains the run's replicas in ``workdir`` (resuming from its newest good checkpoint), evaluating after every
+    epoch; writes ``metrics.jsonl`` and ``summary.json``; returns the summary and the final state."""
+    t_start = time.time()
+    log = parallel.primary_only(print)
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = _prepare_run(config, ds, teachers)
+    setup = run.setup
+    spe = setup.steps_per_epoch
+    total_steps = spe * config.num_epochs
+    teacher_summary = None if teachers is None else _evaluate_teachers(run, teachers, log)
+
     checkpointer = ckpt_lib.TrainCheckpointer(
         workdir / "checkpoints", keep_last=config.checkpoint.keep_last, keep_best=config.checkpoint.keep_best,
         delete_corrupt=config.checkpoint.delete_corrupt,
         restart_if_all_corrupt=config.checkpoint.restart_if_all_corrupt, log=log)
-    metrics_log = MetricsLog(workdir, writable=primary)
-    rng = jax.random.PRNGKey(config.seed)
-    # The newest checkpoint that reads back exactly (newer corrupted ones are reported and set aside).
-    resumed = checkpointer.restore_latest(abstract_state(setup, rng))
-    history: list[dict] = []
-    if resumed is not None:
-        latest, state = resumed
-        history = [r for r in metrics_log.truncate_after(latest) if "test_acc" in r]
-        log(f"resumed from {checkpointer.directory} at step {latest} (epoch {latest // spe})")
-    else:
-        state = jit_init_state(setup, rng)
-        metrics_log.truncate_after(0)
-        if primary:
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    start_step = int(jax.device_get(state.step))
-
-    train_step = jit_train_step(setup)
-    permutation = epoch_permutation_fn(config, n_train, setup.replicated)
+    metrics_log = MetricsLog(workdir, writable=parallel.is_primary())
+    state, history = _restore_or_init(run, workdir, checkpointer, metrics_log, log)
+    step = int(jax.device_get(state.step))
     best = max((r["test_acc"] for r in history), default=float("-inf"))
-    mesh_info = parallel.describe(mesh, config)
-    if start_step == 0:
-        log(f"{method}: {config.student.model} x {replicas} on {ds.name} ({n_train} train / {n_test} test), "
+    mesh_info = parallel.describe(setup.mesh, config)
+    if step == 0:
+        log(f"{setup.method.method.name}: {config.student.model} x {setup.num_replicas} on {ds.name} "
+            f"({setup.num_train} train / {run.num_test} test, {setup.data_order} data order), "
             f"{spe} steps/epoch x {config.num_epochs} epochs; initial compilation...")
     log(f"mesh: {mesh_info['devices']} {mesh_info['platform']} device(s) on axis 'data' "
         f"({mesh_info['processes']} process(es)), {mesh_info['per_device_batch']} examples per device per step, "
         f"dataset {mesh_info['dataset']}")
 
-    step = start_step
     while step < total_steps:
         epoch = step // spe + 1
-        epoch_end = epoch * spe
-        bar = _progress(epoch_end - step, f"epoch {epoch}/{config.num_epochs}", config.progress_bar and primary)
-        t_epoch, images_seen = time.time(), 0
-        pending: list[dict] = []
-        sums: dict[str, Any] = {}
-        kept = 0  # steps in the averages: a non-finite step (on_nonfinite='skip') is only counted
-        perm = permutation(epoch)
-        while step < epoch_end:
-            # Everything the step needs is on the device: an implicit host<->device transfer here is a bug.
-            with jax.transfer_guard("disallow"):
-                state, metrics = train_step(state, teacher_vars, train_images, train_labels, perm)
-            pending.append(metrics)
-            step += 1
-            images_seen += config.batch_size
-            if bar is not None:
-                bar.update(1)
-            if len(pending) >= config.log_every_steps or step == epoch_end:
-                fetched = jax.device_get(pending)  # the only host sync inside an epoch
-                check_finite(step - len(fetched), fetched, config.on_nonfinite)
-                for m in fetched:
-                    if int(m["nonfinite"]):
-                        sums["nonfinite"] = sums.get("nonfinite", 0.0) + np.asarray(m["nonfinite"], np.float64)
-                        continue
-                    kept += 1
-                    for k, v in m.items():
-                        sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
-                if bar is not None and kept:
-                    bar.set_postfix(loss=f"{sums['loss'] / kept:.3f}", acc=f"{sums['accuracy'] / kept:.1f}",
-                                    img_s=f"{images_seen / (time.time() - t_epoch):.0f}")
-                pending = []
-        if bar is not None:
-            bar.close()
+        t_epoch = time.time()
+        state, train_record, img_per_s = _train_epoch(run, state, epoch)
+        step = epoch * spe
         epoch_time = time.time() - t_epoch
-        student_vars = {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
-        correct, ens = jax.device_get(student_eval(student_vars, test_images, test_labels))
-        epoch_acc = [round(100.0 * float(c) / n_test, 2) for c in correct]
+        epoch_acc, ensemble_acc = _evaluate(run, state)
         acc = float(np.mean(epoch_acc))
         best = max(best, acc)
-        record = {
-            "epoch": epoch, "step": step, "lr": learning_rate(config, spe, step - 1),
-            **{f"train_{k}": _to_python(v / kept) for k, v in sums.items() if k != "nonfinite"},
-            "skipped_steps": int(sums.get("nonfinite", 0)),
-            "test_acc": acc, "test_acc_per_replica": epoch_acc, "best_test_acc": best,
-            "epoch_time_s": round(epoch_time, 2), "img_per_s": round(images_seen / epoch_time, 1),
-        }
-        if replicas > 1 and method == "ce":
-            record["ensemble_test_acc"] = round(100.0 * float(ens) / n_test, 2)
+        record = {"epoch": epoch, "step": step, **train_record,
+                  "test_acc": acc, "test_acc_per_replica": epoch_acc, "best_test_acc": best,
+                  "epoch_time_s": round(epoch_time, 2), "img_per_s": round(img_per_s, 1)}
+        if setup.num_replicas > 1 and setup.method.method.teachers == "none":
+            record["ensemble_test_acc"] = ensemble_acc
         metrics_log.write(record)
         history.append(record)
         log(f"epoch {epoch}/{config.num_epochs}: loss {record.get('train_loss', math.nan):.4f} "
@@ -725,41 +885,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             checkpointer.save(step, state, test_acc=acc)
     checkpointer.close()
 
-    # --- summary
-    final = history[-1] if history else {}
-    per_replica_best = np.max(np.array([r["test_acc_per_replica"] for r in history]), axis=0) if history else []
-    summary = {
-        "method": method, "student": config.student.model, "dataset": ds.name, "replicas": replicas,
-        "epochs": config.num_epochs, "final_test_acc": final.get("test_acc_per_replica"),
-        "best_test_acc": [float(a) for a in per_replica_best],
-        "final_test_acc_mean": float(np.mean(final["test_acc_per_replica"])) if final else None,
-        "final_test_acc_std": float(np.std(final["test_acc_per_replica"])) if final else None,
-        "best_test_acc_mean": float(np.mean(per_replica_best)) if history else None,
-        "best_test_acc_std": float(np.std(per_replica_best)) if history else None,
-        "img_per_s": float(np.median([r["img_per_s"] for r in history])) if history else None,
-        "wall_time_s": round(time.time() - t_start, 1),
-        "skipped_steps": int(sum(r.get("skipped_steps", 0) for r in history)),  # resumed epochs included
-        "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-        "jax_version": jax.__version__, "mesh": mesh_info,
-    }
-    if teacher_summary:
-        summary["teachers"] = teacher_summary
-    if method == "ce" and replicas > 1:
-        summary["ensemble_test_acc"] = final.get("ensemble_test_acc")
-    if method == "ce" and config.ensemble_size > 0:
-        # Every process calls Orbax (it writes once, from process 0); the barrier keeps the other processes
-        # from reading teacher.json before process 0 wrote it.
-        host_state = jax.device_get(state)
-        for k, d in enumerate(teacher_dirs(workdir, replicas)):
-            variables = {"params": jax.tree_util.tree_map(lambda a: a[k], host_state.params["student"]),
-                         "batch_stats": jax.tree_util.tree_map(lambda a: a[k], host_state.batch_stats["student"])}
-            ckpt_lib.save_teacher(d, variables, model_name=config.student.model, num_classes=ds.num_classes,
-                                  width=config.student.width,
-                                  metadata={"test_acc": final["test_acc_per_replica"][k], "dataset": ds.name,
-                                            "epochs": config.num_epochs, "seed": config.seed, "member": k})
-        summary["teacher_dirs"] = [str(d) for d in teacher_dirs(workdir, replicas)]
-        parallel.sync("demkd_jax: teachers exported")
-    if primary:
+    summary = _summary(config, ds, setup, history, t_start, teacher_summary)
+    if parallel.is_primary():
         ckpt_lib.write_json_atomic(workdir / "summary.json", summary)
-    log("summary: " + json.dumps({k: v for k, v in summary.items() if k not in ("teacher_dirs",)}))
-    return summary
+    log("summary: " + json.dumps(summary))
+    return summary, state

@@ -18,11 +18,15 @@ SHARED_DATA = pathlib.Path(os.environ.get("DEMKD_SHARED_DATA", REPO_ROOT.parent 
 
 
 def load_benchmark(name: str):
-    """``benchmarks/<name>.py`` imported as a module (benchmarks/ is not a package)."""
+    """``benchmarks/<name>.py`` imported as a module (benchmarks/ is not a package), once per session."""
     import importlib.util
+    import sys
 
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -70,10 +74,11 @@ TINY_OVERRIDES = {
 
 
 def write_tiny_npz(root: pathlib.Path, *, n_train: int = 96, n_test: int = 37, seed: int = 0,
-                   label_shift: int = 0) -> pathlib.Path:
-    """A tiny npz dataset (``tiny_train.npz``/``tiny_test.npz``) of class-coloured, learnable 32x32 images.
+                   label_shift: int = 0, size: int = 32) -> pathlib.Path:
+    """A tiny npz dataset (``tiny_train.npz``/``tiny_test.npz``) of class-coloured, learnable images.
 
-    ``label_shift`` adds to every training label (labels out of range for a bad-input test).
+    ``size`` x ``size`` pixels; ``label_shift`` adds to every training label (labels out of range for a
+    bad-input test).
     """
     import numpy as np
 
@@ -82,7 +87,7 @@ def write_tiny_npz(root: pathlib.Path, *, n_train: int = 96, n_test: int = 37, s
     palette = rng.integers(0, 256, (TINY_CLASSES, 3))
     for name, n in (("train", n_train), ("test", n_test)):
         labels = np.arange(n) % TINY_CLASSES
-        images = rng.integers(0, 64, (n, 32, 32, 3)) + palette[labels][:, None, None, :] // 2
+        images = rng.integers(0, 64, (n, size, size, 3)) + palette[labels][:, None, None, :] // 2
         if name == "train":
             labels = labels + label_shift
         np.savez(root / f"tiny_{name}.npz", image=np.clip(images, 0, 255).astype(np.uint8),

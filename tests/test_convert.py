@@ -12,8 +12,10 @@ torch = pytest.importorskip("torch")
 
 from demkd_jax import checkpoint, convert  # noqa: E402
 from demkd_jax.models import MODEL_NAMES, PARAM_COUNTS, count_params, create_model, init_variables  # noqa: E402
-from demkd_jax import torch_models  # noqa: E402
-from demkd_jax.torch_models import create_torch_model  # noqa: E402
+from conftest import load_benchmark  # noqa: E402
+
+torch_models = load_benchmark("torch_models")  # noqa: E402
+create_torch_model = torch_models.create_torch_model
 
 torch.set_num_threads(1)
 

@@ -123,7 +123,7 @@ def test_pickle_cifar100_round_trips_pixels(tmp_path):
     np.testing.assert_array_equal(ds.test_images, want["test"][0])
     np.testing.assert_array_equal(ds.train_labels, want["train"][1])
     assert ds.train_labels.dtype == np.int32 and ds.class_names == ("apple", "bee", "cat", "dog")
-    np.testing.assert_allclose(ds.mean, (0.5071, 0.4867, 0.4408))  # cifar100: SPEC statistics
+    np.testing.assert_allclose(ds.mean, (0.5071, 0.4867, 0.4408))  # cifar100: the published statistics
     # The extracted directory, and a directory holding only the archive, read the same.
     for path in (tmp_path / "cifar-100-python",):
         again = load(tmp_path, source="pickle", name="cifar100", num_classes=4, path=str(path), use_cache=False)

@@ -1,4 +1,4 @@
-"""Tests for demkd_jax.losses against float64 NumPy transcriptions of SPEC.md sections 3-5."""
+"""Tests for demkd_jax.losses against float64 NumPy transcriptions of docs/method.md §2 and §4."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from demkd_jax import losses as L
+from demkd_jax import models
 from demkd_jax.models import create_model, init_variables
 from demkd_jax.models.layers import BN_EPSILON, BN_MOMENTUM
 
@@ -533,7 +534,7 @@ def np_connector_eval(x, v):
 def test_connector_shapes_and_eval_output(size_in, size_out):
     rng = np.random.default_rng(size_in * 10 + size_out)
     x = rng.normal(size=(2, size_in, size_in, 3)).astype(np.float32)
-    conn = L.Connector(out_channels=5, out_size=size_out)
+    conn = models.Connector(out_channels=5, out_size=size_out)
     init = conn.init(jax.random.key(0), x, train=False)
     assert jax.tree.map(jnp.shape, init) == jax.tree.map(np.shape, _connector_vars(rng, 3, 5))
     v = _connector_vars(rng, 3, 5)
@@ -549,18 +550,18 @@ def test_connector_shapes_and_eval_output(size_in, size_out):
 def test_resize_feature_map():
     rng = np.random.default_rng(5)
     x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
-    close(L.resize_feature_map(x, 2), np_block_mean(x.astype(np.float64), 4))
-    close(L.resize_feature_map(x, (16, 24)), np_bilinear_torch(x.astype(np.float64), 16, 24))
+    close(models.resize_feature_map(x, 2), np_block_mean(x.astype(np.float64), 4))
+    close(models.resize_feature_map(x, (16, 24)), np_bilinear_torch(x.astype(np.float64), 16, 24))
     with pytest.raises(ValueError, match="not a multiple"):
-        L.resize_feature_map(x, 3)
+        models.resize_feature_map(x, 3)
     with pytest.raises(ValueError, match="not a multiple"):
-        L.Connector(4, 3).init(jax.random.key(0), x, train=False)
+        models.Connector(4, 3).init(jax.random.key(0), x, train=False)
 
 
 def test_connector_train_mode_updates_batch_stats():
     rng = np.random.default_rng(6)
     x = rng.normal(size=(4, 8, 8, 3)).astype(np.float32)
-    conn = L.Connector(out_channels=5, out_size=4)
+    conn = models.Connector(out_channels=5, out_size=4)
     v = conn.init(jax.random.key(1), x, train=False)
     out, updates = conn.apply(v, x, train=True, mutable=["batch_stats"])
     assert out.shape == (4, 4, 4, 5)
@@ -581,7 +582,7 @@ def test_connector_train_mode_updates_batch_stats():
 
 def test_connector_bfloat16_dtype():
     x = jnp.ones((2, 8, 8, 3), jnp.float32)
-    conn = L.Connector(out_channels=4, out_size=4, dtype=jnp.bfloat16)
+    conn = models.Connector(out_channels=4, out_size=4, dtype=jnp.bfloat16)
     v = conn.init(jax.random.key(0), x, train=False)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(v))
     assert conn.apply(v, x, train=False).dtype == jnp.bfloat16
@@ -591,7 +592,7 @@ def test_connector_bfloat16_dtype():
 def test_stacked_connector_equals_separate_connectors(train):
     rng = np.random.default_rng(7)
     x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
-    stacked = L.StackedConnector(num_teachers=K, out_channels=5, out_size=4)
+    stacked = models.StackedConnector(num_teachers=K, out_channels=5, out_size=4)
     v = stacked.init(jax.random.key(2), x, train=False)
     assert v["params"]["connector"]["conv"]["kernel"].shape == (K, 1, 1, 3, 5)
     kernels = np.asarray(v["params"]["connector"]["conv"]["kernel"])
@@ -600,7 +601,7 @@ def test_stacked_connector_equals_separate_connectors(train):
     v = jax.tree.map(lambda a: a + rng.uniform(0.1, 1.0, size=a.shape).astype(np.float32), v)
     out, upd = stacked.apply(v, x, train=train, mutable=["batch_stats"])
     assert out.shape == (K, 2, 4, 4, 5)
-    single = L.Connector(out_channels=5, out_size=4)
+    single = models.Connector(out_channels=5, out_size=4)
     for k in range(K):
         v_k = jax.tree.map(lambda a: a[k], v)
         v_k = {name: tree["connector"] for name, tree in v_k.items()}
@@ -670,7 +671,7 @@ def test_connector_against_pytorch_modules():
             bn.running_mean.copy_(torch.tensor(v["batch_stats"]["bn"]["mean"]))
             bn.running_var.copy_(torch.tensor(v["batch_stats"]["bn"]["var"]))
             ref = F.relu(bn(conv(xt))).permute(0, 2, 3, 1).numpy()
-        out = L.Connector(out_channels=5, out_size=size_out).apply(v, x, train=False)
+        out = models.Connector(out_channels=5, out_size=size_out).apply(v, x, train=False)
         close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -701,7 +702,7 @@ def test_feature_pipeline_with_zoo_models():
         t_logits, t_feats = jax.vmap(lambda v: teacher.apply(v, x, train=False))(t_vars)
         _, s_feats = student.apply(s_vars, x, train=False)
         f_t = t_feats[-2]  # [K, B, 4, 4, C_t]; the student's map is 2x2: bilinear upsampling
-        conn = L.StackedConnector(num_teachers=K, out_channels=f_t.shape[-1], out_size=f_t.shape[2])
+        conn = models.StackedConnector(num_teachers=K, out_channels=f_t.shape[-1], out_size=f_t.shape[2])
         c_vars = conn.init(key, s_feats[-2], train=False)
         projected, _ = conn.apply(c_vars, s_feats[-2], train=True, mutable=["batch_stats"])
         head_logits = jax.vmap(lambda v, f: teacher.apply(v, f, method="head"))(t_vars, projected)

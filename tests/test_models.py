@@ -16,7 +16,7 @@ from demkd_jax.models import (
     winograd,
 )
 
-SPEC_FEATURES = {  # SPEC.md section 6 (NHWC, batch dropped)
+REFERENCE_FEATURES = {  # docs/method.md §5 (NHWC, batch dropped)
     "vgg8": [(32, 32, 64), (16, 16, 128), (8, 8, 256), (4, 4, 512), (4, 4, 512), (512,)],
     "vgg13": [(32, 32, 64), (16, 16, 128), (8, 8, 256), (4, 4, 512), (4, 4, 512), (512,)],
     "wrn_40_2": [(32, 32, 16), (32, 32, 32), (16, 16, 64), (8, 8, 128), (128,)],
@@ -53,8 +53,8 @@ def test_param_count_and_feature_layout(name):
     assert feats[-2].ndim == 4, "features[-2] is the last feature map before pooling"
     for f in feats[:-1]:
         chex.assert_rank(f, 4)
-    if name in SPEC_FEATURES:
-        assert [f.shape[1:] for f in feats] == SPEC_FEATURES[name]
+    if name in REFERENCE_FEATURES:
+        assert [f.shape[1:] for f in feats] == REFERENCE_FEATURES[name]
 
 
 def test_num_classes_sets_the_classifier():

@@ -13,7 +13,7 @@ import pytest
 from demkd_jax import checkpoint as ckpt_lib
 from demkd_jax import config as config_lib
 from demkd_jax import data as data_lib
-from demkd_jax import models, train
+from demkd_jax import methods, models, train
 from conftest import TINY_CLASSES as NUM_CLASSES
 from conftest import TINY_OVERRIDES, apply_overrides, repo_env
 
@@ -64,7 +64,7 @@ def test_teacher_ensemble_writes_loadable_teachers(teacher_run):
 
 def build(config, workdir=None):
     ds = data_lib.load_dataset(config.data)
-    teachers = train.prepare_teachers(config, workdir, ds.num_classes)
+    teachers = train.prepare_teachers(config, workdir, ds)
     setup = train.build_setup(config, ds, teachers)
     return ds, teachers, setup
 
@@ -72,7 +72,8 @@ def build(config, workdir=None):
 @pytest.mark.parametrize("method", config_lib.METHODS)
 def test_one_step_of_every_method(method, teacher_run, data_dir, cache_dir):
     dirs = teacher_run[1]["teacher_dirs"]
-    overrides = {"distill.method": method, "teachers.checkpoints": tuple(dirs[:1] if method in ("kd", "dkd") else dirs)}
+    single = methods.get(method).teachers == "one"
+    overrides = {"distill.method": method, "teachers.checkpoints": tuple(dirs[:1] if single else dirs)}
     if method == "fitnet_mkd":
         overrides["distill.hint_layer"] = 1
     config = tiny_config(data_dir, cache_dir, **overrides)
@@ -89,7 +90,7 @@ def test_one_step_of_every_method(method, teacher_run, data_dir, cache_dir):
     metrics = jax.device_get(metrics)
     chex.assert_tree_all_finite(metrics)
     assert int(state.step) == 2 and metrics["nonfinite"] == 0
-    expected_terms = {"ce": {"ce"}, "fitnet_mkd": {"ce", "hint"}}.get(method, {"ce", "logit"})
+    expected_terms = {"ce": {"ce"}, "fitnet_mkd": {"ce", "logit", "hint"}}.get(method, {"ce", "logit"})
     if method in ("demkd", "camkd"):
         expected_terms = expected_terms | {"feature"}
     assert expected_terms <= set(metrics), sorted(metrics)
@@ -143,7 +144,8 @@ def test_sgd_is_pytorch_sgd_with_coupled_weight_decay_and_step_schedule():
     config.num_epochs = 4
     config.optim.update(learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, lr_decay_epochs=(2, 3))
     spe = 3
-    tx = train.make_optimizer(config, spe)
+    schedule = train.lr_schedule(config, spe)
+    tx = train.make_optimizer(config, schedule, nesterov=True)
     rng = np.random.default_rng(0)
     p = rng.normal(size=5)
     grads = rng.normal(size=(4 * spe, 5))
@@ -157,7 +159,7 @@ def test_sgd_is_pytorch_sgd_with_coupled_weight_decay_and_step_schedule():
         d = g + 5e-4 * ref
         buf = 0.9 * buf + d
         ref = ref - lr * (d + 0.9 * buf)
-        assert train.learning_rate(config, spe, t) == pytest.approx(lr)
+        assert float(schedule(t)) == pytest.approx(lr)
     np.testing.assert_allclose(params, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -223,3 +225,163 @@ def test_winograd_auto_is_cpu_float32_and_teacher_training_follows_the_teachers(
     for mode in ("auto", "on", "off"):
         config.teachers.winograd = mode
         assert train.teacher_config(config).student.winograd == mode
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedule, skipped steps, connectors, data order, image geometry
+
+
+def multistep_lr(lr0, gamma, milestones, epoch):
+    """PyTorch MultiStepLR stepped once per epoch: epoch e (1-based) runs at lr0 * gamma ** #{m in milestones: m < e}."""
+    return lr0 * gamma ** sum(1 for m in milestones if m < epoch)
+
+
+@pytest.mark.parametrize("milestones", [(2, 2, 3), (1, 2, 5, 6), (0, 3), (3, 3, 3), (5, 9, 100), ()])
+def test_schedule_is_multistep_lr_with_repeated_milestones(milestones):
+    config = config_lib.base_config()
+    config.num_epochs = 7
+    config.optim.update(learning_rate=0.05, lr_decay_rate=0.1, lr_decay_epochs=milestones)
+    spe = 4
+    schedule = train.lr_schedule(config, spe)
+    for step in range(config.num_epochs * spe):
+        want = multistep_lr(0.05, 0.1, milestones, step // spe + 1)
+        assert float(schedule(step)) == pytest.approx(want, rel=1e-6), (milestones, step)
+    torch = pytest.importorskip("torch")
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=0.1)
+    for epoch in range(1, config.num_epochs + 1):
+        assert float(schedule((epoch - 1) * spe)) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-6), epoch
+        opt.step()
+        sched.step()
+
+
+def _step_fn_and_args(setup, teachers, ds):
+    step_fn = jax.jit(train.make_train_step(setup))
+    args = (None if teachers is None else jax.device_put(teachers.variables), jax.device_put(ds.train_images),
+            jax.device_put(ds.train_labels))
+    return step_fn, args
+
+
+def test_skipped_step_keeps_the_schedule_in_step_and_logs_the_rate(demkd_setup):
+    config, ds, teachers, setup, step_fn = demkd_setup
+    state = jax.jit(lambda: train.init_state(setup, jax.random.PRNGKey(0)))()
+    perm = train.epoch_permutation_fn(config, ds.train_images.shape[0])(1)
+    args = (jax.device_put(teachers.variables), jax.device_put(ds.train_images), jax.device_put(ds.train_labels))
+    poisoned = state.replace(params=jax.tree_util.tree_map(lambda a: a.at[...].set(jnp.nan), state.params))
+    new, m = step_fn(poisoned, *args, perm)
+    assert int(m["nonfinite"]) == setup.num_replicas and int(new.step) == 1
+    np.testing.assert_array_equal(train.schedule_count(new.opt_state), np.ones(setup.num_replicas))
+    chex.assert_trees_all_equal(train.schedule_count(new.opt_state), train.schedule_count(
+        step_fn(state, *args, perm)[0].opt_state))
+    assert float(m["lr"]) == pytest.approx(float(setup.lr_schedule(0)))
+
+
+def test_connectors_are_frozen_until_the_feature_term_starts(demkd_setup):
+    config, ds, teachers, setup, step_fn = demkd_setup
+    assert config.distill.feature_start_epoch == 2
+    state = jax.jit(lambda: train.init_state(setup, jax.random.PRNGKey(0)))()
+    perms = train.epoch_permutation_fn(config, ds.train_images.shape[0])
+    args = (jax.device_put(teachers.variables), jax.device_put(ds.train_images), jax.device_put(ds.train_labels))
+    s1, _ = step_fn(state, *args, perms(1))
+    chex.assert_trees_all_equal(s1.params["connectors"], state.params["connectors"])
+    momentum = jax.tree_util.tree_leaves(optax_trace(s1.opt_state)["connectors"])
+    assert all(np.all(np.asarray(t) == 0) for t in momentum), "connector momentum before the feature term"
+    assert not np.array_equal(np.asarray(jax.tree_util.tree_leaves(s1.params["student"])[0]),
+                              np.asarray(jax.tree_util.tree_leaves(state.params["student"])[0]))
+    s2, _ = step_fn(state.replace(step=jnp.int32(setup.steps_per_epoch)), *args, perms(2))
+    changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
+                                     s2.params["connectors"], state.params["connectors"])
+    assert all(jax.tree_util.tree_leaves(changed)), "the connectors train from the feature term's first epoch"
+
+
+def optax_trace(opt_state):
+    import optax
+
+    found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.TraceState))
+             if isinstance(s, optax.TraceState)]
+    assert len(found) == 1
+    return found[0].trace
+
+
+def test_feature_warmup_ramps_the_feature_term(teacher_run, data_dir, cache_dir):
+    config = tiny_config(data_dir, cache_dir, **{"teachers.checkpoints": tuple(teacher_run[1]["teacher_dirs"]),
+                                                 "distill.feature_warmup_epochs": 4})
+    ds, teachers, setup = build(config)
+    step_fn, args = _step_fn_and_args(setup, teachers, ds)
+    state = jax.jit(lambda: train.init_state(setup, jax.random.PRNGKey(0)))()
+    perm = train.epoch_permutation_fn(config, ds.train_images.shape[0])
+    for epoch, ramp in ((2, 0.25), (3, 0.5)):
+        _, m = step_fn(state.replace(step=jnp.int32((epoch - 1) * setup.steps_per_epoch)), *args, perm(epoch))
+        m = jax.device_get(m)
+        np.testing.assert_allclose(m["loss"], m["ce"] + m["logit"] * epoch / 20 + 50.0 * ramp * m["feature"],
+                                   rtol=1e-5)
+
+
+def test_camkd_detach_switch_changes_the_student_update(teacher_run, data_dir, cache_dir):
+    dirs = tuple(teacher_run[1]["teacher_dirs"])
+    updates = []
+    for detach in (False, True):
+        config = tiny_config(data_dir, cache_dir, **{"distill.method": "camkd", "teachers.checkpoints": dirs,
+                                                     "distill.camkd_detach_feature_weights": detach})
+        ds, teachers, setup = build(config)
+        step_fn, args = _step_fn_and_args(setup, teachers, ds)
+        state = jax.jit(lambda: train.init_state(setup, jax.random.PRNGKey(0)))()
+        perm = train.epoch_permutation_fn(config, ds.train_images.shape[0])(2)
+        new, m = step_fn(state.replace(step=jnp.int32(setup.steps_per_epoch)), *args, perm)
+        updates.append((float(m["feature"]), jax.device_get(new.params["student"])))
+    assert updates[0][0] == pytest.approx(updates[1][0], rel=1e-6)  # same value, different gradient
+    diffs = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), updates[0][1], updates[1][1])
+    assert max(jax.tree_util.tree_leaves(diffs)) > 0
+
+
+def test_teacher_ensembles_get_independent_data_orders_students_share_one(data_dir, cache_dir):
+    ens = tiny_config(data_dir, cache_dir, **{"distill.method": "ce", "ensemble_size": 3})
+    assert config_lib.data_order(ens) == "per_replica"
+    perms = np.asarray(train.epoch_permutation_fn(ens, 96)(1))
+    chex.assert_shape(perms, (3, 96))
+    assert all(sorted(p) == list(range(96)) for p in perms)
+    assert len({tuple(p) for p in perms}) == 3
+    assert not np.array_equal(perms, np.asarray(train.epoch_permutation_fn(ens, 96)(2)))
+    students = tiny_config(data_dir, cache_dir, **{"num_seeds": 3})
+    assert config_lib.data_order(students) == "shared"
+    shared = np.asarray(train.epoch_permutation_fn(students, 96)(1))
+    np.testing.assert_array_equal(shared, data_lib.epoch_permutation(jax.random.PRNGKey(0), 0, 96))
+    ens.data_order = "shared"
+    chex.assert_shape(train.epoch_permutation_fn(ens, 96)(1), (96,))
+    with pytest.raises(config_lib.ConfigError, match="data_order='per_replica' with method 'demkd'"):
+        config_lib.validate(tiny_config(data_dir, cache_dir, **{"data_order": "per_replica",
+                                                                "teachers.model": "resnet8"}))
+
+
+def test_teacher_ensemble_summary_says_per_replica(teacher_run):
+    assert teacher_run[1]["data_order"] == "per_replica"
+    meta = ckpt_lib.read_teacher_meta(teacher_run[1]["teacher_dirs"][0])
+    assert meta["data_order"] == "per_replica"
+
+
+def _random_teachers(name, num, num_classes, width):
+    model = models.create_model(name, num_classes, width=width)
+    members = [jax.device_get(models.init_variables(model, jax.random.PRNGKey(10 + k))) for k in range(num)]
+    stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *members)
+    return train.Teachers(name, width, stacked, (), False)
+
+
+@pytest.mark.parametrize("size", [16, 64])
+def test_demkd_with_features_at_other_image_sizes(size, tmp_path, cache_dir):
+    from conftest import write_tiny_npz
+
+    root = write_tiny_npz(tmp_path / f"tiny{size}", size=size, n_train=32, n_test=8)
+    config = tiny_config(root, cache_dir, **{"data.image_size": size, "teachers.model": "resnet8",
+                                             "teachers.num": 2, "distill.warmup_epochs": 1})
+    ds = data_lib.load_dataset(config.data)
+    chex.assert_shape(ds.train_images, (32, size, size, 3))
+    teachers = _random_teachers("resnet8", 2, NUM_CLASSES, 0.25)
+    setup = train.build_setup(config, ds, teachers)
+    assert setup.image_shape == (size, size, 3)
+    step_fn, args = _step_fn_and_args(setup, teachers, ds)
+    state = jax.jit(lambda: train.init_state(setup, jax.random.PRNGKey(0)))()
+    perm = train.epoch_permutation_fn(config, 32)(2)
+    state, m = step_fn(state.replace(step=jnp.int32(setup.steps_per_epoch)), *args, perm)
+    m = jax.device_get(m)
+    chex.assert_tree_all_finite(m)
+    assert m["feature"] > 0 and int(m["nonfinite"]) == 0

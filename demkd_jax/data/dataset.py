@@ -60,7 +60,7 @@ class RawData(NamedTuple):
 
 # Per-channel mean and std of the train split, in units of pixel/255.
 PUBLISHED_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    # SPEC.md section 4 (the CRD/RepDistiller and CA-MKD values).
+    # docs/method.md §3 (the CRD/RepDistiller and CA-MKD values).
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     # The values used throughout the CIFAR-10 literature (torchvision examples, pytorch-cifar).
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

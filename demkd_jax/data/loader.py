@@ -55,7 +55,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       already in the cache directory is still used, else the unprepared tfds dataset is an error.
     - ``download_url`` (""), ``download_md5`` (""): where that archive is fetched from and its MD5; ``""``
       means the official address and published checksum.
-    - ``normalization`` ("auto"): ``auto`` uses the published mean/std for ``cifar100`` (SPEC section 4)
+    - ``normalization`` ("auto"): ``auto`` uses the published mean/std for ``cifar100`` (docs/method.md §3)
       and ``cifar10``, and statistics computed from the train split otherwise; ``computed`` always computes.
     - ``num_workers`` (0): image-decoding worker processes for ``folder`` (``0``: decode in this process;
       ``-1``: one per available CPU, at most 8). Workers are spawned, so a script that sets it must keep

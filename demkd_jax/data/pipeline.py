@@ -21,7 +21,7 @@ The whole split lives on the device as uint8 ``[N, H, W, 3]``. Everything is a f
   batch of 64). On CPU, compute :func:`epoch_permutation` once at each epoch start (and again after a
   restart, from ``(key, epoch)``), pass it to the step as an argument, and call
   :func:`batch_indices_from_permutation` there: the same indices, so the choice does not change a run.
-- Augmentation (SPEC section 4, torchvision's ``RandomCrop(32, padding=4)`` then ``RandomHorizontalFlip``
+- Augmentation (docs/method.md §3, torchvision's ``RandomCrop(32, padding=4)`` then ``RandomHorizontalFlip``
   on the uint8 image, then ``Normalize``): :func:`random_crop_flip` on the raw pixels (zero padding, so
   padded pixels normalise to ``-mean/std`` exactly as in PyTorch), then :func:`normalize`.
   :func:`augment` is both. The crop is a separable gather (rows, then columns with the flip folded

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from demkd_jax.models import mobilenetv2, resnet, shufflenet, vgg, wrn
+from demkd_jax.models.connectors import Connector, StackedConnector, resize_feature_map
 from demkd_jax.models.layers import BN_EPSILON
 
 __all__ = [
@@ -26,6 +27,9 @@ __all__ = [
     "init_variables",
     "count_params",
     "fold_batchnorm",
+    "Connector",
+    "StackedConnector",
+    "resize_feature_map",
 ]
 
 
@@ -46,7 +50,7 @@ def _factories() -> dict[str, Callable[..., nn.Module]]:
 _FACTORIES = _factories()
 MODEL_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
-# Trainable parameters for 100 classes of the PyTorch reference (SPEC.md section 6).
+# Trainable parameters for 100 classes of the PyTorch reference (docs/method.md §5).
 PARAM_COUNTS: dict[str, int] = {
     "vgg8": 3_965_028, "vgg11": 9_277_284, "vgg13": 9_462_180, "vgg16": 14_774_436, "vgg19": 20_086_692,
     "resnet8": 83_892, "resnet14": 181_108, "resnet20": 278_324, "resnet32": 472_756, "resnet44": 667_188,

@@ -13,7 +13,7 @@ Conventions (match the PyTorch reference zoo of CRD/RepDistiller and CA-MKD):
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -163,6 +163,24 @@ def dense(
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """Mean over H and W. The reference's fixed-size average pools are global at CIFAR resolution."""
     return jnp.mean(x, axis=(1, 2))
+
+
+def pooled_logits(classifier: Callable, feature_map: jax.Array, dtype: Dtype) -> jax.Array:
+    """float32 logits of an NHWC map through global average pooling and ``classifier`` (the models' ``head``)."""
+    return classifier(global_avg_pool(feature_map.astype(dtype))).astype(jnp.float32)
+
+
+def run_stages(stem: Callable, stages: Sequence[Sequence[Callable]], x: jax.Array, train: bool, dtype: Dtype
+               ) -> tuple[jax.Array, list[jax.Array]]:
+    """``relu(stem(x))``, then each stage's blocks in turn; returns the last map and the map after the stem and
+    after every stage (ResNet, ShuffleNetV1)."""
+    x = nn.relu(stem(x.astype(dtype), train))
+    feats = [x]
+    for blocks in stages:
+        for block in blocks:
+            x = block(x, train)
+        feats.append(x)
+    return x, feats
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

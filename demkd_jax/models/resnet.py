@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from demkd_jax.models.layers import ConvBN, Dtype, dense, global_avg_pool, scale_channels
+from demkd_jax.models.layers import ConvBN, Dtype, dense, global_avg_pool, pooled_logits, run_stages, scale_channels
 
 CONFIGS: dict[str, tuple[int, tuple[int, int, int, int]]] = {
     "resnet8": (8, (16, 16, 32, 64)),
@@ -73,16 +73,10 @@ class ResNet(nn.Module):
         self.fc = dense(self.num_classes, filters[-1], init="torch", dtype=self.dtype)
 
     def __call__(self, x: jax.Array, train: bool = True):
-        x = nn.relu(self.stem(x.astype(self.dtype), train))
-        feats = [x]
-        for blocks in self.layers:
-            for block in blocks:
-                x = block(x, train)
-            feats.append(x)
+        x, feats = run_stages(self.stem, self.layers, x, train, self.dtype)
         pooled = global_avg_pool(x)
-        logits = self.fc(pooled).astype(jnp.float32)
-        return logits, (*feats, pooled)
+        return self.fc(pooled).astype(jnp.float32), (*feats, pooled)
 
     def head(self, feature_map: jax.Array, train: bool = False) -> jax.Array:
         del train
-        return self.fc(global_avg_pool(feature_map.astype(self.dtype))).astype(jnp.float32)
+        return pooled_logits(self.fc, feature_map, self.dtype)

@@ -19,6 +19,8 @@ from demkd_jax.models.layers import (
     channel_shuffle,
     dense,
     global_avg_pool,
+    pooled_logits,
+    run_stages,
     scale_channels,
     torch_default_kernel,
 )
@@ -81,19 +83,13 @@ class ShuffleNetV1(nn.Module):
         self.linear = dense(self.num_classes, planes[-1], init="torch", dtype=self.dtype)
 
     def __call__(self, x: jax.Array, train: bool = True):
-        x = nn.relu(self.stem(x.astype(self.dtype), train))
-        feats = [x]
-        for blocks in self.layers:
-            for block in blocks:
-                x = block(x, train)
-            feats.append(x)
+        x, feats = run_stages(self.stem, self.layers, x, train, self.dtype)
         pooled = global_avg_pool(x)
-        logits = self.linear(pooled).astype(jnp.float32)
-        return logits, (*feats, pooled)
+        return self.linear(pooled).astype(jnp.float32), (*feats, pooled)
 
     def head(self, feature_map: jax.Array, train: bool = False) -> jax.Array:
         del train
-        return self.linear(global_avg_pool(feature_map.astype(self.dtype))).astype(jnp.float32)
+        return pooled_logits(self.linear, feature_map, self.dtype)
 
 
 class ShuffleV2Block(nn.Module):
@@ -167,4 +163,4 @@ class ShuffleNetV2(nn.Module):
 
     def head(self, feature_map: jax.Array, train: bool = False) -> jax.Array:
         del train
-        return self.linear(global_avg_pool(feature_map.astype(self.dtype))).astype(jnp.float32)
+        return pooled_logits(self.linear, feature_map, self.dtype)

@@ -17,6 +17,7 @@ from demkd_jax.models.layers import (
     Dtype,
     dense,
     global_avg_pool,
+    pooled_logits,
     he_normal_fan_out,
     max_pool_2x2,
     scale_channels,
@@ -76,4 +77,4 @@ class VGG(nn.Module):
     def head(self, feature_map: jax.Array, train: bool = False) -> jax.Array:
         """Logits from ``features[-2]`` (pool + classifier)."""
         del train
-        return self.classifier(global_avg_pool(feature_map.astype(self.dtype))).astype(jnp.float32)
+        return pooled_logits(self.classifier, feature_map, self.dtype)

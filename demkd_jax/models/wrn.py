@@ -17,6 +17,7 @@ from demkd_jax.models.layers import (
     conv,
     dense,
     global_avg_pool,
+    pooled_logits,
     scale_channels,
 )
 
@@ -94,4 +95,4 @@ class WideResNet(nn.Module):
 
     def head(self, feature_map: jax.Array, train: bool = False) -> jax.Array:
         del train
-        return self.fc(global_avg_pool(feature_map.astype(self.dtype))).astype(jnp.float32)
+        return pooled_logits(self.fc, feature_map, self.dtype)

@@ -35,6 +35,25 @@ VGG_CFG = {
 }
 
 
+def init_like_reference(model: nn.Module, linear: str) -> None:
+    """The zoo's initialisation: convolutions N(0, 2 / (k * k * out_channels)) (= kaiming_normal_ fan_out, relu)
+    with zero bias, BatchNorm scale 1 and bias 0; ``linear``: "normal" (N(0, 0.01), zero bias: VGG, MobileNetV2),
+    "zero_bias" (WRN) or "default" (PyTorch's, ResNet)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            m.weight.data.normal_(0, math.sqrt(2.0 / n))
+            if m.bias is not None:
+                m.bias.data.zero_()
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            m.weight.data.fill_(1)
+            m.bias.data.zero_()
+        elif isinstance(m, nn.Linear) and linear != "default":
+            if linear == "normal":
+                m.weight.data.normal_(0, 0.01)
+            m.bias.data.zero_()
+
+
 class VGG(nn.Module):
     def __init__(self, cfg, batch_norm=True, num_classes=100):
         super().__init__()
@@ -88,18 +107,7 @@ class VGG(nn.Module):
         return nn.Sequential(*layers)
 
     def _initialize_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / n))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        init_like_reference(self, linear="normal")
 
 
 # ------------------------------------------------------------------------------------------------ ResNet
@@ -158,12 +166,7 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, num_filters[3], n, stride=2)
         self.avgpool = nn.AvgPool2d(8)
         self.fc = nn.Linear(num_filters[3] * block.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_like_reference(self, linear="default")
 
     def _make_layer(self, block, planes, blocks, stride=1):
         downsample = None
@@ -253,15 +256,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(n_channels[3], num_classes)
         self.nChannels = n_channels[3]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / k))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.bias.data.zero_()
+        init_like_reference(self, linear="zero_bias")
 
     def forward(self, x, is_feat=False):
         out = self.conv1(x)
@@ -538,18 +533,7 @@ class MobileNetV2(nn.Module):
         return ([f0, f1, f2, f3, f4, f5], out) if is_feat else out
 
     def _initialize_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / n))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        init_like_reference(self, linear="normal")
 
 
 # -------------------------------------------------------------------------------------------- registry

@@ -1,0 +1,183 @@
+"""The distillation methods in one table, and each method's loss terms as pure functions.
+
+A run's loss is
+
+    L = ce_weight · CE(z_s, y) + min(epoch / warmup, 1) · logit_term + ramp(epoch) · λ · feature_term
+
+where every piece comes from the method's row in :data:`METHODS` (``config.distill`` can override the CE and
+KD weights, the warm-up and, for DE-MKD, the teacher reduction). The train step (``demkd_jax.train``) builds
+its loss from these functions only; nothing else compares method names.
+
+Teacher reduction: a method's weighted per-teacher losses ``w_k · ℓ_k`` are summed over the K teachers
+(``"sum"``) or summed and divided by K (``"mean"``, what CA-MKD's code does for EBKD and CA-MKD: it divides by
+``B · K``). AVER's uniform weights 1/K make its ``"sum"`` the mean over teachers of KD.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from demkd_jax import losses
+
+__all__ = ["Method", "METHODS", "METHOD_NAMES", "get", "resolve", "Resolved", "teacher_weights", "logit_term",
+           "weighted_logit_term", "feature_term", "feature_weight"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One distillation method: what its loss is made of and which reference defines it."""
+
+    name: str
+    title: str
+    logit_loss: str | None  # per-teacher logit loss: "kd", "dkd", or None (no teacher in the loss)
+    weighting: str | None  # "single" (teacher 0 only), "uniform", "ebkd", "confidence" (labels), "entropy"
+    reduction: str  # over teachers: "sum", "mean", or "config" (config.distill.teacher_reduction)
+    feature_term: str  # "none", "feature" (weighted MSE at features[-2]), "camkd", "hint" (FitNet)
+    ce_weight: float
+    kd_weight: float
+    warmup_epochs: int  # linear warm-up of the logit term
+    teachers: str  # "none", "one", "many"
+    nesterov: bool  # the reference's optimizer (SGD momentum 0.9, with or without Nesterov)
+    reference: str
+
+    @property
+    def optional_features(self) -> bool:
+        """``config.distill.features`` switches the feature term (DE-MKD, CA-MKD); FitNet's hint is the method."""
+        return self.feature_term in ("feature", "camkd")
+
+
+_CAMKD_CODE = "CA-MKD code (Zhang et al., ICASSP 2022: helper/loops.py, distiller_zoo/)"
+_MDISTILLER = "mdistiller (Zhao et al., CVPR 2022)"
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("ce", "CE (no teacher)", None, None, "sum", "none", 1.0, 0.0, 0, "none", True,
+           "cross-entropy training, as the CA-MKD/CRD teachers"),
+    Method("kd", "KD (teacher 0)", "kd", "single", "sum", "none", 0.1, 0.9, 0, "one", False,
+           f"Hinton et al. 2015 as in {_MDISTILLER}: distillers/KD.py"),
+    Method("dkd", "DKD (teacher 0)", "dkd", "single", "sum", "none", 1.0, 1.0, 20, "one", False,
+           f"{_MDISTILLER}: distillers/DKD.py"),
+    Method("aver", "AVER", "kd", "uniform", "sum", "none", 1.0, 1.0, 0, "many", True,
+           f"{_CAMKD_CODE}, AVERAGE_LOSS"),
+    Method("ebkd", "EBKD", "kd", "ebkd", "mean", "none", 1.0, 1.0, 0, "many", True,
+           f"Kwon et al., ICASSP 2020, as in {_CAMKD_CODE}, EBKD"),
+    Method("camkd", "CA-MKD", "kd", "confidence", "mean", "camkd", 1.0, 1.0, 0, "many", True,
+           f"{_CAMKD_CODE}, CAMKD + inter"),
+    Method("fitnet_mkd", "FitNet-MKD", "kd", "uniform", "sum", "hint", 1.0, 1.0, 0, "many", True,
+           f"{_CAMKD_CODE}, AVERAGE_LOSS + hint"),
+    Method("dkd_uniform", "DKD, uniform teachers", "dkd", "uniform", "config", "none", 1.0, 1.0, 20, "many", True,
+           "ablation of DE-MKD: its DKD term with equal teacher weights, no feature term"),
+    Method("demkd", "DE-MKD", "dkd", "entropy", "config", "feature", 1.0, 1.0, 20, "many", True,
+           "Cheng et al., Mathematics 2024 (DKD term as mdistiller, feature term as CA-MKD)"),
+)}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+
+def get(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r} (config.distill.method); expected one of "
+                         f"{', '.join(METHOD_NAMES)}")
+    return METHODS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """A method's row with ``config.distill``'s overrides applied: the numbers a run uses."""
+
+    method: Method
+    ce_weight: float
+    kd_weight: float
+    warmup_epochs: int
+    reduction: str
+    feature_term: str  # "none" when config.distill.features switches an optional feature term off
+    nesterov: bool
+
+
+def resolve(config) -> Resolved:
+    """The method of ``config`` with its overrides (``None``/``-1`` in the config: the method's default)."""
+    d = config.distill
+    m = get(d.method)
+    feature = m.feature_term if (not m.optional_features or bool(d.features)) else "none"
+    return Resolved(
+        method=m,
+        ce_weight=float(m.ce_weight if d.ce_weight is None else d.ce_weight),
+        kd_weight=float(m.kd_weight if d.kd_weight is None else d.kd_weight),
+        warmup_epochs=int(m.warmup_epochs if d.warmup_epochs < 0 else d.warmup_epochs),
+        reduction=str(d.teacher_reduction if m.reduction == "config" else m.reduction),
+        feature_term=feature,
+        nesterov=bool(m.nesterov if config.optim.nesterov is None else config.optim.nesterov),
+    )
+
+
+def teacher_weights(method: str, teacher_logits: jax.Array, labels: jax.Array, distill) -> jax.Array:
+    """Per-example teacher weights ``[K, B]`` of ``method`` (constants for the gradient)."""
+    m = get(method)
+    if m.weighting == "single":
+        return jnp.zeros(teacher_logits.shape[:2], jnp.float32).at[0].set(1.0)
+    if m.weighting == "uniform":
+        return losses.entropy_weights(teacher_logits, scheme="uniform")
+    if m.weighting == "ebkd":
+        return losses.entropy_weights(teacher_logits, scheme="ebkd")
+    if m.weighting == "confidence":
+        return losses.confidence_weights(teacher_logits, labels)
+    if m.weighting == "entropy":
+        return losses.entropy_weights(teacher_logits, scheme=distill.weights, temperature=distill.weight_temperature,
+                                      tau=distill.weight_tau)
+    raise ValueError(f"method {method!r} has no teacher weights")
+
+
+def weighted_logit_term(r: Resolved, student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
+                        weights: jax.Array, distill) -> jax.Array:
+    """:func:`logit_term` of a resolved method with its teacher ``weights [K, B]`` already computed."""
+    m = r.method
+    if m.weighting == "single":
+        teacher_logits, weights = teacher_logits[:1], weights[:1]
+    value = losses.multi_teacher_logit_loss(
+        student_logits, teacher_logits, labels, weights, kind=m.logit_loss, alpha=distill.alpha, beta=distill.beta,
+        temperature=distill.temperature, reduction=r.reduction)
+    return r.kd_weight * value
+
+
+def logit_term(method: str, student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
+               config) -> jax.Array:
+    """The distillation term on logits that ``method`` adds to its CE term, before the warm-up factor. Scalar.
+
+    ``student_logits [B, C]``, ``teacher_logits [K, B, C]`` (single-teacher methods use teacher 0), ``labels
+    [B]``; ``config`` is a run config (its ``distill`` fields: temperature, α, β, weights, reduction, KD
+    weight). The method's KD/DKD weight and teacher reduction are applied.
+    """
+    c = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
+    c.distill.method = method
+    r = resolve(c)
+    if r.method.logit_loss is None:
+        raise ValueError(f"method {method!r} has no logit term")
+    weights = teacher_weights(method, teacher_logits, labels, c.distill)
+    return weighted_logit_term(r, student_logits, teacher_logits, labels, weights, c.distill)
+
+
+def feature_term(r: Resolved, projected: jax.Array, teacher_features: jax.Array, weights: jax.Array,
+                 head_logits: jax.Array | None, labels: jax.Array, distill) -> jax.Array:
+    """The feature term (before λ and its ramp) of a resolved method. Scalar.
+
+    ``projected [K, B, H, W, C]``: the student map through each teacher's connector; ``teacher_features``
+    alike; ``weights [K, B]``: the logit term's teacher weights (DE-MKD reuses them); ``head_logits [K, B, C]``:
+    each teacher's classifier applied to ``projected`` (CA-MKD only, else None).
+    """
+    kind = r.feature_term
+    if kind == "hint":
+        return losses.fitnet_hint_loss(projected, teacher_features)
+    if kind == "feature":
+        return losses.feature_mse(projected, teacher_features, weights, reduction=r.reduction)
+    if kind == "camkd":
+        detach = bool(distill.camkd_detach_feature_weights)
+        feat_weights = losses.camkd_feature_weights(head_logits, labels, stop_gradient=detach)
+        return losses.feature_mse(projected, teacher_features, feat_weights, reduction=r.reduction,
+                                  detach_weights=detach)
+    raise ValueError(f"method {r.method.name!r} has no feature term")
+
+
+def feature_weight(r: Resolved, distill) -> float:
+    """λ of the feature term: ``hint_weight`` for FitNet's hint, ``feature_weight`` otherwise."""
+    return float(distill.hint_weight if r.feature_term == "hint" else distill.feature_weight)
