@@ -278,27 +278,6 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-# Test-only hook: seconds to sleep inside every training-checkpoint save, after the arrays are written into
-# Orbax's temporary directory and before it is renamed into place, so that a test can kill the process in the
-# middle of a save. Unset (the default), saves are plain Orbax saves.
-SAVE_SLEEP_ENV = "DEMKD_TEST_SAVE_SLEEP_S"
-
-
-def _slow_finalize_path_class():
-    import asyncio
-
-    from orbax.checkpoint._src.path import atomicity
-
-    delay = float(os.environ[SAVE_SLEEP_ENV])
-
-    class SlowFinalizeTemporaryPath(atomicity.AtomicRenameTemporaryPath):
-        async def finalize(self, *args, **kwargs):
-            await asyncio.sleep(delay)
-            return await super().finalize(*args, **kwargs)
-
-    return SlowFinalizeTemporaryPath
-
-
 class TrainCheckpointer:
     """Student training state in ``<workdir>/checkpoints/<step>/``: keeps the last ``keep_last`` plus the best.
 
@@ -332,9 +311,6 @@ class TrainCheckpointer:
             if self.keep_best:
                 keep.append(policies.BestN(get_metric_fn=_test_acc, reverse=False, n=1,
                                            keep_checkpoints_without_metrics=False))
-            extra = {}
-            if os.environ.get(SAVE_SLEEP_ENV):
-                extra["temporary_path_class"] = _slow_finalize_path_class()
             options = ocp.CheckpointManagerOptions(
                 preservation_policy=policies.AnyPreservationPolicy(keep),
                 # Without best_fn Orbax does not write the metrics, and after a restart BestN would see no test
@@ -344,7 +320,6 @@ class TrainCheckpointer:
                 enable_async_checkpointing=False,
                 cleanup_tmp_directories=True,  # what a killed save left behind
                 create=True,
-                **extra,
             )
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager

@@ -9,17 +9,29 @@ runs, same VM). Keeping freed memory in the process instead (one arena, no mmap,
 fault but ran slower (794-827 ms: more user time).
 
 glibc reads ``GLIBC_TUNABLES`` only when a process starts (``mallopt`` from a running Python did not change
-the fault count: measured), so the command-line entry points re-execute themselves once with it set. It
-needs Linux, glibc >= 2.35 and transparent huge pages not switched off
+the fault count: measured), so the command-line entry points re-execute themselves once with it set, saying
+so in one line on stderr. It needs Linux, glibc >= 2.35 and transparent huge pages not switched off
 (``/sys/kernel/mm/transparent_hugepage/enabled``). A ``GLIBC_TUNABLES`` already in the environment is left
 alone; ``DEMKD_DEFAULT_MALLOC=1`` turns this off. Elsewhere (a notebook, your own script) start Python with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``.
+
+It is for XLA:CPU only: a process that may run on a GPU/TPU never re-executes. That is decided without
+starting a JAX backend: ``JAX_PLATFORMS`` (or ``JAX_PLATFORM_NAME``) when set must name only ``cpu``;
+unset, no accelerator plugin may be installed (a ``jax_plugins`` module or entry point, such as CUDA's and
+ROCm's, or ``libtpu``). Nor does a process re-execute when that would change what it does: under a debugger
+or tracer (``sys.gettrace()``, a ``sys.monitoring`` debugger), when another module started it (``python -m
+pdb``, ``-m cProfile``), or when its code cannot be run again from the command line (``python -c``, a
+script read from stdin, an interactive session). Interpreter options
+(``-X``, ``-W``, ``-O``, ``-u``, ...) are kept: the command line is re-run exactly as given (``sys.orig_argv``).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import pathlib
+import pkgutil
 import platform
 import sys
 
@@ -52,16 +64,70 @@ def tunables_apply(environ=None, system: str | None = None, libc: tuple[str, str
             and "GLIBC_TUNABLES" not in environ and environ.get(OPT_OUT, "") in ("", "0"))
 
 
+def accelerator_plugins() -> list[str]:
+    """The installed JAX accelerator plugins (found without importing them or starting a backend)."""
+    found = {ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")}
+    spec = importlib.util.find_spec("jax_plugins")
+    if spec is not None and spec.submodule_search_locations:
+        found.update(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations))
+    if importlib.util.find_spec("libtpu") is not None or os.environ.get("TPU_LIBRARY_PATH"):
+        found.add("libtpu")
+    return sorted(found)
+
+
+def may_use_accelerator(environ=None, plugins: list[str] | None = None) -> bool:
+    """Whether JAX in this process may pick a GPU/TPU: by ``JAX_PLATFORMS``, else by the installed plugins."""
+    environ = os.environ if environ is None else environ
+    platforms = environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME") or ""
+    if platforms.strip():
+        return any(p.strip().lower() not in ("cpu", "") for p in platforms.split(","))
+    return bool(accelerator_plugins() if plugins is None else plugins)
+
+
+def _debugged() -> bool:
+    if sys.gettrace() is not None:
+        return True
+    monitoring = getattr(sys, "monitoring", None)  # Python 3.12+: debuggers such as debugpy use it
+    return monitoring is not None and monitoring.get_tool(monitoring.DEBUGGER_ID) is not None
+
+
+def _run_by_its_own_command_line(orig_argv: list[str], argv: list[str]) -> bool:
+    """Whether ``orig_argv`` (the interpreter's command line) starts ``argv`` (this program) directly: not
+    through another module (``python -m pdb script``, ``python -m cProfile -m package.module``)."""
+    i = len(orig_argv) - len(argv)  # where the script path or the -m module name stands
+    if i < 1 or not argv or orig_argv[i + 1:] != argv[1:]:
+        return False
+    options = orig_argv[1:i]
+    if options[-1:] == ["-m"]:
+        options = options[:-1]
+    elif os.path.abspath(orig_argv[i]) != os.path.abspath(argv[0]):
+        return False
+    return not any(o.startswith("-m") for o in options)
+
+
+def reexec_blocker(environ=None) -> str:
+    """Why this process must not re-execute itself with :data:`TUNABLES`, or ``""`` if it may."""
+    if may_use_accelerator(environ):
+        return "a GPU/TPU may be used"
+    if _debugged():
+        return "a debugger or tracer is attached"
+    if sys.argv[:1] in (["-c"], ["-"], [""]) or sys.flags.interactive or hasattr(sys, "ps1"):
+        return "the program cannot be started again from its command line"
+    if not sys.executable or not _run_by_its_own_command_line(getattr(sys, "orig_argv", []), sys.argv):
+        return "the program was not started directly by its command line (a debugger or profiler module?)"
+    return ""
+
+
 def reexec_with_tunables() -> None:
     """Replaces this process by the same command line with ``GLIBC_TUNABLES`` set; returns if not applicable.
 
     Call it first thing under ``if __name__ == "__main__":`` (before JAX starts). The re-executed process
     finds the variable set and goes on.
     """
-    argv = getattr(sys, "orig_argv", None)
-    if not tunables_apply() or not argv or argv[1:2] == ["-c"]:
+    if not tunables_apply() or reexec_blocker():
         return
+    print(f"hostmem: restarting with GLIBC_TUNABLES={TUNABLES} (huge pages for XLA:CPU buffers; "
+          f"{OPT_OUT}=1 turns this off)", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    sys.stderr.flush()
     os.environ["GLIBC_TUNABLES"] = TUNABLES
-    os.execv(sys.executable, [sys.executable, *argv[1:]])
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -314,7 +314,9 @@ def test_folder_errors(tmp_path):
 def test_tfds_source_with_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=6):
-        ds = load(tmp_path, source="tfds", name="cifar10", num_classes=10, tfds_data_dir=str(tmp_path / "tfds"))
+        # mock_data mocks tfds.data_source but not builder.is_prepared(); download=False keeps the loader on tfds.
+        ds = load(tmp_path, source="tfds", name="cifar10", num_classes=10, tfds_data_dir=str(tmp_path / "tfds"),
+                  download=False)
         direct = tfds.data_source("cifar10", split="test", download=False)
         want = np.stack([direct[i]["image"] for i in range(len(direct))])
         want_labels = np.asarray([direct[i]["label"] for i in range(len(direct))])
@@ -376,7 +378,7 @@ def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
     data_dir = tmp_path / "tfds"
     with raises(data.DatasetNotPreparedError, "'cifar100' is not prepared", str(data_dir),
                 f"tfds build cifar100 --data_dir={data_dir} --file_format=array_record", "internet") as info:
-        load(tmp_path, source="tfds", name="cifar100", tfds_data_dir=str(data_dir))
+        load(tmp_path, source="tfds", name="cifar100", tfds_data_dir=str(data_dir), download=False)
     assert isinstance(info.value, FileNotFoundError)
     assert not any(data_dir.rglob("*.array_record*")) and not (data_dir / "downloads").exists()
 

@@ -2,6 +2,7 @@
 
 import os
 import platform
+import re
 import subprocess
 import sys
 import textwrap
@@ -32,12 +33,18 @@ def test_tunables_apply_only_where_they_change_something():
     assert hostmem.tunables_apply({hostmem.OPT_OUT: "0"}, **linux)
 
 
-def _run(script, tmp_path, *args, **env):
+def _run(script, tmp_path, *args, python_options=(), stdin=None, **env):
+    """stdout of ``python [python_options] entry.py args`` (JAX_PLATFORMS=cpu unless given), and its stderr."""
     path = tmp_path / "entry.py"
     path.write_text(textwrap.dedent(script))
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}
-    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, check=True,
-                          env=repo_env(environ, **env)).stdout
+    drop = ("GLIBC_TUNABLES", hostmem.OPT_OUT, "JAX_PLATFORMS", "JAX_PLATFORM_NAME")
+    environ = {k: v for k, v in os.environ.items() if k not in drop}
+    if "PYTHONPATH" in env:  # in addition to the repository (repo_env)
+        environ["PYTHONPATH"] = env.pop("PYTHONPATH")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    out = subprocess.run([sys.executable, *python_options, str(path), *args], capture_output=True, text=True,
+                         check=True, input=stdin, env=repo_env(environ, **env))
+    return out.stdout, out.stderr
 
 
 ENTRY = """
@@ -46,17 +53,79 @@ ENTRY = """
     if __name__ == "__main__":
         print("started", flush=True)
         hostmem.reexec_with_tunables()
-        print(os.environ.get("GLIBC_TUNABLES"), sys.argv[1:])
+        print(os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], sys.flags.dev_mode, sys.flags.utf8_mode)
 """
+RESTART_LINE = f"hostmem: restarting with GLIBC_TUNABLES={hostmem.TUNABLES}"
+
+
+def _not_reexecuted(out):
+    return out == ["started", "None [] False 0"]
 
 
 @needs_tunables
 def test_entry_point_reexecutes_once_with_the_tunables_and_its_arguments(tmp_path):
-    out = _run(ENTRY, tmp_path, "--config", "a b").splitlines()
-    assert out == ["started", "started", f"{hostmem.TUNABLES} ['--config', 'a b']"]
-    assert _run(ENTRY, tmp_path, "x", **{hostmem.OPT_OUT: "1"}).splitlines() == ["started", "None ['x']"]
+    out, err = _run(ENTRY, tmp_path, "--config", "a b")
+    assert out.splitlines() == ["started", "started", f"{hostmem.TUNABLES} ['--config', 'a b'] False 0"]
+    assert [line for line in err.splitlines() if "hostmem" in line] == [
+        f"{RESTART_LINE} (huge pages for XLA:CPU buffers; {hostmem.OPT_OUT}=1 turns this off)"]
+    out, err = _run(ENTRY, tmp_path, "x", **{hostmem.OPT_OUT: "1"})
+    assert out.splitlines() == ["started", "None ['x'] False 0"] and RESTART_LINE not in err
     mine = "glibc.malloc.arena_max=4"
-    assert _run(ENTRY, tmp_path, GLIBC_TUNABLES=mine).splitlines() == ["started", f"{mine} []"]
+    assert _run(ENTRY, tmp_path, GLIBC_TUNABLES=mine)[0].splitlines() == ["started", f"{mine} [] False 0"]
+
+
+@needs_tunables
+def test_interpreter_options_survive_the_reexecution(tmp_path):
+    out, _ = _run(ENTRY, tmp_path, "y", python_options=("-X", "dev", "-X", "utf8", "-W", "ignore"))
+    assert out.splitlines() == ["started", "started", f"{hostmem.TUNABLES} ['y'] True 1"]
+
+
+def test_only_a_program_started_by_its_own_command_line_reexecutes():
+    assert hostmem._run_by_its_own_command_line(["py", "-X", "dev", "e.py", "a"], ["e.py", "a"])
+    assert hostmem._run_by_its_own_command_line(["py", "-m", "demkd_jax.main", "-x"], ["/r/demkd_jax/main.py", "-x"])
+    assert not hostmem._run_by_its_own_command_line(["py", "-m", "pdb", "e.py"], ["e.py"])
+    assert not hostmem._run_by_its_own_command_line(["py", "-m", "cProfile", "-m", "pkg.mod"], ["pkg.mod"])
+    assert not hostmem._run_by_its_own_command_line(["py", "-mtrace", "e.py"], ["e.py"])
+    assert not hostmem._run_by_its_own_command_line(["py", "e.py", "a"], ["e.py", "b"])  # argv rewritten
+    assert not hostmem._run_by_its_own_command_line(["py", "e.py"], ["other.py"])
+
+
+def test_accelerator_hosts_never_reexecute():
+    assert hostmem.may_use_accelerator({"JAX_PLATFORMS": "cuda"}, plugins=[])
+    assert hostmem.may_use_accelerator({"JAX_PLATFORMS": "tpu,cpu"}, plugins=[])
+    assert hostmem.may_use_accelerator({"JAX_PLATFORM_NAME": "gpu"}, plugins=[])
+    assert hostmem.may_use_accelerator({}, plugins=["xla_cuda12"])
+    assert hostmem.may_use_accelerator({"JAX_PLATFORMS": ""}, plugins=["libtpu"])
+    assert not hostmem.may_use_accelerator({"JAX_PLATFORMS": "cpu"}, plugins=["xla_cuda12"])  # forced to CPU
+    assert not hostmem.may_use_accelerator({}, plugins=[])
+
+
+@needs_tunables
+def test_no_reexecution_with_a_gpu_platform_or_plugin_installed(tmp_path):
+    out, err = _run(ENTRY, tmp_path, JAX_PLATFORMS="cuda")
+    assert _not_reexecuted(out.splitlines()) and RESTART_LINE not in err
+    plugin = tmp_path / "plugins" / "jax_plugins" / "xla_fake_gpu"  # what a jax-cuda12-plugin install adds
+    plugin.mkdir(parents=True)
+    (plugin / "__init__.py").write_text("")
+    assert "xla_fake_gpu" in subprocess.run(
+        [sys.executable, "-c", "from demkd_jax import hostmem; print(hostmem.accelerator_plugins())"],
+        capture_output=True, text=True, check=True, env=repo_env({"PYTHONPATH": str(tmp_path / "plugins")})).stdout
+    out, _ = _run(ENTRY, tmp_path, JAX_PLATFORMS="", PYTHONPATH=str(tmp_path / "plugins"))
+    assert _not_reexecuted(out.splitlines())
+
+
+@needs_tunables
+def test_no_reexecution_under_a_debugger_or_from_python_c(tmp_path):
+    traced = ENTRY.replace("import os, sys", "import os, sys\n    sys.settrace(lambda *a: None)")
+    assert _not_reexecuted(_run(traced, tmp_path)[0].splitlines())
+    # pdb drops its trace function on "continue" without breakpoints; its "-m pdb" still keeps it.
+    out, _ = _run(ENTRY, tmp_path, python_options=("-m", "pdb"), stdin="continue\nquit\n")
+    assert len(re.findall(r"\bstarted\b", out)) == 1 and hostmem.TUNABLES not in out and "None [] False 0" in out
+    code = "from demkd_jax import hostmem; print('started'); hostmem.reexec_with_tunables(); print('went on')"
+    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}
+    out = subprocess.run([sys.executable, "-X", "dev", "-c", code], capture_output=True, text=True, check=True,
+                         env=repo_env(environ, JAX_PLATFORMS="cpu"))
+    assert out.stdout.splitlines() == ["started", "went on"] and RESTART_LINE not in out.stderr
 
 
 FAULTS = """
@@ -76,8 +145,8 @@ FAULTS = """
 @needs_tunables
 def test_huge_pages_remove_most_page_faults_of_fresh_xla_buffers(tmp_path):
     env = {"JAX_PLATFORMS": "cpu"}
-    default = int(_run(FAULTS, tmp_path, **env))
-    huge = int(_run(FAULTS, tmp_path, GLIBC_TUNABLES=hostmem.TUNABLES, **env))
+    default = int(_run(FAULTS, tmp_path, **env)[0])
+    huge = int(_run(FAULTS, tmp_path, GLIBC_TUNABLES=hostmem.TUNABLES, **env)[0])
     # 10 fresh 64 MB outputs touch ~160,000 new 4 KiB pages with the default allocator, 2 MiB pages with it.
     assert default > 40_000, default
     assert huge < default / 10, (huge, default)

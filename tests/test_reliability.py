@@ -682,6 +682,25 @@ def _kill_at(kind: str, rng: random.Random, proc: subprocess.Popen, log: pathlib
             f"{step_dirs(checkpoints.parent) if checkpoints.is_dir() else []}" + (f", left {left[0]}" if left else ""))
 
 
+def write_slow_save_hook(directory: pathlib.Path, seconds: float) -> pathlib.Path:
+    """A ``sitecustomize.py`` (for PYTHONPATH) that makes every Orbax CheckpointManager sleep ``seconds`` inside
+    each save, after the arrays are in Orbax's temporary directory and before it is renamed into place."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sitecustomize.py").write_text(
+        "import asyncio\nimport dataclasses\n\nimport orbax.checkpoint as ocp\n\n\n"
+        "class SlowFinalizeTemporaryPath(ocp.path.atomicity.AtomicRenameTemporaryPath):\n"
+        "    async def finalize(self, *args, **kwargs):\n"
+        f"        await asyncio.sleep({seconds!r})\n"
+        "        return await super().finalize(*args, **kwargs)\n\n\n"
+        "_init = ocp.CheckpointManager.__init__\n\n\n"
+        "def _slow_save_init(self, directory, *args, options=None, **kwargs):\n"
+        "    options = dataclasses.replace(options or ocp.CheckpointManagerOptions(),\n"
+        "                                  temporary_path_class=SlowFinalizeTemporaryPath)\n"
+        "    _init(self, directory, *args, options=options, **kwargs)\n\n\n"
+        "ocp.CheckpointManager.__init__ = _slow_save_init\n")
+    return directory
+
+
 @pytest.mark.slow
 def test_sigkill_at_five_random_moments_resumes_bit_identically(tmp_path, tiny_cache, kill_teachers):
     num_epochs, spe = 6, KILL_TRAIN_IMAGES // 16
@@ -692,7 +711,8 @@ def test_sigkill_at_five_random_moments_resumes_bit_identically(tmp_path, tiny_c
     config_file = write_config_file(tmp_path / "config.py", overrides)
     # The same command and environment for every launch. The save hook sleeps 0.3 s inside each checkpoint
     # save (arrays written, not yet renamed into place), so that a kill can land there.
-    env = subprocess_env(tmp_path / "jax_cache", **{ckpt_lib.SAVE_SLEEP_ENV: "0.3"})
+    env = subprocess_env(tmp_path / "jax_cache")
+    env["PYTHONPATH"] = os.pathsep.join((str(write_slow_save_hook(tmp_path / "save_hook", 0.3)), env["PYTHONPATH"]))
     cmd = [sys.executable, "-m", "demkd_jax.main", "--config", str(config_file)]
 
     reference = tmp_path / "reference"

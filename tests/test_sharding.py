@@ -321,8 +321,11 @@ def test_two_processes_give_the_one_process_run(tiny_inputs):
     config.update({"teachers.checkpoints": [], "teachers.model": "resnet8", "teachers.num": 2,
                    "teachers.width": 0.5, "teachers.num_epochs": 1, "teachers.learning_rate": LEARNING_RATE,
                    # Distilling from trained teachers, this tiny student is chaotic at lr 0.01 (rounding noise on
-                   # one device alone grows to 1e-2 in 3 steps); at 0.002 it stays at the rounding level.
-                   "optim.learning_rate": 0.002,
+                   # one device alone grows to 1e-2 in 3 steps), and still amplifies it at 0.002: measured 2 x 4
+                   # vs 1 x 8 devices, parameters 1.3e-5 relative on jax 0.10.2 and 0.11.2 but 5.4e-4 on 0.12.0.1
+                   # (momentum 4e-4 vs 1.8e-2), losses 4e-7 on all. At 0.0005 every version stays at the rounding
+                   # level: parameters 5e-8 (0.10.2, 0.11.2) / 1e-7 (0.12.0.1), momentum 3e-7 / 5e-7.
+                   "optim.learning_rate": 0.0005,
                    "num_epochs": 1, "distill.feature_start_epoch": 1})  # 6 teacher + 6 student steps, features on
     runs = lambda where: [{"name": "pipeline", "workdir": str(root / where / "run")}]  # noqa: E731
     # The reference: one process with the same 8-device mesh. (1 vs 8 devices is the fast tests' subject.)
@@ -338,9 +341,7 @@ def test_two_processes_give_the_one_process_run(tiny_inputs):
         np.testing.assert_allclose([s["loss"] for s in run["steps"]], [s["loss"] for s in reference["steps"]],
                                    rtol=RTOL)
         state = dict(np.load(root / "multi" / f"process_{i}" / "pipeline.npz"))
-        # The momentum buffers hold recent gradients, whose BatchNorm-bias components are sums that cancel to
-        # ~1e-2 of their terms, so their rounding shows 100x larger (~4e-4 here).
-        assert_states_close(state, dict(np.load(root / "single" / "pipeline.npz")), opt_state=1e-2)
+        assert_states_close(state, dict(np.load(root / "single" / "pipeline.npz")))
     # Teachers: trained 1 epoch on 8 devices over 2 processes, exported once, loadable.
     for k in range(2):
         t_multi, meta = ckpt_lib.load_teacher(root / "multi" / "run" / "teachers" / f"teacher_{k}")

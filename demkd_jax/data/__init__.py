@@ -4,11 +4,12 @@ Host side (numpy; :mod:`.loader`, :mod:`.sources`, :mod:`.cache`, :mod:`.dataset
 
 - :func:`default_data_config` -- the fields of ``config.data`` and their defaults.
 - :func:`load_dataset` ``(config.data) -> Dataset`` -- reads the configured source (``tfds``, ``pickle``,
-  ``folder``, ``npz`` or ``digits``), validates it, caches the decoded arrays as ``.npz``.
+  ``folder``, ``npz`` or ``digits``), validates it, caches the decoded arrays as ``.npz``. CIFAR-100/10
+  without a prepared tfds copy come from the official archive, downloaded once (:mod:`.download`).
 - :class:`Dataset` -- ``train_images``/``test_images`` uint8 ``[N, H, W, 3]``, ``train_labels``/
   ``test_labels`` int32 ``[N]``, ``class_names``, ``mean``/``std`` float32 ``[3]`` (pixel/255 units).
 - Errors: :class:`DataConfigError` (a ValueError), :class:`DataNotFoundError` (a FileNotFoundError)
-  with :class:`DatasetNotPreparedError`, :class:`DataFormatError` (a ValueError); all :class:`DataError`.
+  with :class:`DatasetNotPreparedError` and :class:`DownloadError`, :class:`DataFormatError` (a ValueError); all :class:`DataError`.
 
 Device side (pure JAX, call inside ``jax.jit``; :mod:`.pipeline`)::
 
@@ -40,6 +41,7 @@ from demkd_jax.data.dataset import (
     RawData,
     channel_stats,
 )
+from demkd_jax.data.download import DownloadError
 from demkd_jax.data.loader import SOURCES, default_data_config, load_dataset
 from demkd_jax.data.pipeline import (
     augment,
@@ -63,6 +65,7 @@ __all__ = [
     "DataNotFoundError",
     "Dataset",
     "DatasetNotPreparedError",
+    "DownloadError",
     "RawData",
     "augment",
     "batch_indices",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 import time
 from typing import Any, Callable, Mapping
 
@@ -12,7 +13,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from demkd_jax.data import cache, sources
+from demkd_jax.data import cache, download, sources
 from demkd_jax.data.dataset import (
     PUBLISHED_STATS,
     DataConfigError,
@@ -48,6 +49,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     - ``use_cache`` (True): read and write that cache.
     - ``tfds_data_dir`` (""): tensorflow-datasets ``data_dir``; ``""`` means tfds's default
       (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+    - ``download`` (True): when source ``tfds`` has no prepared copy of ``cifar100``/``cifar10`` (preparing
+      one needs TensorFlow), read the official python-pickle archive (``cifar-100-python.tar.gz``,
+      ``cifar-10-python.tar.gz``) from the cache directory instead, downloading it there first when it is
+      absent (once; MD5-verified; an interrupted download resumes). ``False``: never download; an archive
+      already in the cache directory is still used, else the unprepared tfds dataset is an error.
+    - ``download_url`` (""), ``download_md5`` (""): where that archive is fetched from and its MD5; ``""``
+      means the official address and published checksum.
     - ``normalization`` ("auto"): ``auto`` uses the published mean/std for ``cifar100`` (docs/method.md §3)
       and ``cifar10``, and statistics computed from the train split otherwise; ``computed`` always computes.
     - ``num_workers`` (0): image-decoding worker processes for ``folder`` (``0``: decode in this process;
@@ -72,6 +80,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.cache_dir = ""
     c.use_cache = True
     c.tfds_data_dir = ""
+    c.download = True
+    c.download_url = ""
+    c.download_md5 = ""
     c.normalization = "auto"
     c.num_workers = 0
     c.downsample = 1
@@ -91,6 +102,7 @@ class _Plan:
     fingerprint: str
     origin: str
     name: str
+    source: str = ""  # the source actually read, when not config.data.source
 
 
 def _local_path(cfg: ml_collections.ConfigDict) -> pathlib.Path:
@@ -107,12 +119,44 @@ def _plan_tfds(cfg: ml_collections.ConfigDict) -> _Plan:
         raise DataConfigError("data.name is empty; source 'tfds' needs a tfds dataset name such as 'cifar100'")
     data_dir = str(cfg.tfds_data_dir) or None
     variant_dir = sources.tfds_dataset_dir(cfg.name, data_dir)
+    if cfg.name in download.OFFICIAL_ARCHIVES and not sources.tfds_prepared(cfg.name, data_dir):
+        archive = _official_archive(cfg)[0]
+        if cfg.download or archive.is_file():
+            logging.info("tfds dataset '%s' is not prepared in %s; reading the official archive %s instead",
+                         cfg.name, variant_dir, archive)
+            return _plan_official_archive(cfg)
     return _Plan(
         read=lambda: sources.read_tfds(cfg.name, data_dir),
         identity=f"{variant_dir}",
         fingerprint=cache.path_fingerprint(variant_dir),
         origin=f"tfds:{cfg.name} ({variant_dir})",
         name=cfg.name,
+    )
+
+
+def _official_archive(cfg: ml_collections.ConfigDict) -> tuple[pathlib.Path, str, str, str]:
+    """``(path in the cache directory, URL, MD5, how to place it by hand)`` of ``cfg.name``'s official archive."""
+    file_name, official_url, official_md5 = download.OFFICIAL_ARCHIVES[cfg.name]
+    archive = cache.resolve_cache_dir(cfg.cache_dir) / file_name
+    url = str(cfg.download_url) or official_url
+    md5 = (str(cfg.download_md5) or official_md5).lower()
+    hint = (f"without a network place {file_name} (MD5 {md5}, from {url}) at {archive}, or set "
+            f"data.source='pickle' and data.path to a copy of it")
+    return archive, url, md5, hint
+
+
+def _plan_official_archive(cfg: ml_collections.ConfigDict) -> _Plan:
+    """The official python-pickle archive in the cache directory, downloaded on first read when absent."""
+    archive, url, md5, hint = _official_archive(cfg)
+    return _Plan(
+        read=lambda: sources.read_pickle(download.fetch_archive(url, archive, md5, placement_hint=hint), cfg.name),
+        # The archive is verified against this MD5 before it is read, so the MD5 identifies the data: a cache
+        # hit needs neither the archive nor the network.
+        identity=f"official-archive|{md5}",
+        fingerprint=md5,
+        origin=f"{archive} (official {cfg.name} archive)",
+        name=cfg.name,
+        source="pickle",
     )
 
 
@@ -190,6 +234,8 @@ def _as_config(config: Any) -> ml_collections.ConfigDict:
         raise DataConfigError(f"unknown data.source '{cfg.source}'; expected one of {sorted(SOURCES)}")
     if cfg.normalization not in ("auto", "computed"):
         raise DataConfigError(f"unknown data.normalization '{cfg.normalization}'; expected 'auto' or 'computed'")
+    if cfg.download_md5 and not re.fullmatch(r"[0-9a-fA-F]{32}", str(cfg.download_md5)):
+        raise DataConfigError(f"data.download_md5='{cfg.download_md5}'; expected 32 hexadecimal digits or ''")
     if cfg.num_classes == 0 or cfg.num_classes < -1:
         raise DataConfigError(f"data.num_classes={cfg.num_classes}; expected a positive count or -1 (from the data)")
     if isinstance(cfg.downsample, bool) or not isinstance(cfg.downsample, int) or cfg.downsample < 1:
@@ -247,12 +293,13 @@ def load_dataset(config: Mapping[str, Any] | ml_collections.ConfigDict) -> Datas
     """
     cfg = _as_config(config)
     plan = SOURCES[cfg.source](cfg)
+    source = plan.source or cfg.source
     start = time.perf_counter()
     cached = None
     cache_file = None
     if cfg.use_cache:
         cache_file = cache.cache_path(
-            cache.resolve_cache_dir(cfg.cache_dir), cfg.source, plan.name, plan.identity, plan.fingerprint
+            cache.resolve_cache_dir(cfg.cache_dir), source, plan.name, plan.identity, plan.fingerprint
         )
         cached = cache.load(cache_file)
     hit = cached is not None
@@ -273,7 +320,7 @@ def load_dataset(config: Mapping[str, Any] | ml_collections.ConfigDict) -> Datas
         computed = channel_stats(raw.train_images)
         normalization = "computed"
     mean, std, stats_origin = _statistics(computed, plan.name, normalization)
-    ds = Dataset(*raw, mean=mean, std=std, name=plan.name, source=cfg.source, stats_origin=stats_origin)
+    ds = Dataset(*raw, mean=mean, std=std, name=plan.name, source=source, stats_origin=stats_origin)
     logging.info(
         "loaded %s in %.2f s (%s)", ds.summary(), time.perf_counter() - start,
         f"cache hit {cache_file}" if hit

@@ -1,8 +1,9 @@
 """Readers for the five data sources. Each returns a :class:`RawData` (both splits, class names).
 
 - ``tfds``: ``tfds.data_source(name, split=..., data_dir=...)``, the ArrayRecord random-access path of
-  tensorflow-datasets, which reads without TensorFlow. Nothing is downloaded: an unprepared dataset raises
-  :class:`DatasetNotPreparedError` with the command that prepares it.
+  tensorflow-datasets, which reads without TensorFlow. tfds itself downloads nothing: an unprepared dataset
+  raises :class:`DatasetNotPreparedError` with the command that prepares it (except ``cifar100``/``cifar10``,
+  which the loader then reads from the official ``pickle`` archive, see :mod:`demkd_jax.data.download`).
 - ``pickle``: the official python-pickle CIFAR archives, ``cifar-100-python.tar.gz`` (``train``, ``test``,
   ``meta``; ``fine_labels``, ``fine_label_names``) and ``cifar-10-python.tar.gz`` (``data_batch_1..5``,
   ``test_batch``, ``batches.meta``; ``labels``, ``label_names``), or their extracted directories. Rows of
@@ -52,6 +53,7 @@ __all__ = [
     "TAR_SUFFIXES",
     "read_tfds",
     "tfds_dataset_dir",
+    "tfds_prepared",
     "read_pickle",
     "pickle_layout",
     "read_folder",
@@ -112,6 +114,13 @@ def tfds_dataset_dir(name: str, data_dir: str | None) -> str:
         if type(e).__name__ == "DatasetNotFoundError":
             raise DataConfigError(f"unknown tfds dataset name '{name}' ({_reason(e)})") from e
         raise
+
+
+def tfds_prepared(name: str, data_dir: str | None) -> bool:
+    """Whether tfds has a prepared copy of ``name`` in ``data_dir`` (reads only its metadata)."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    return tfds.builder(name, data_dir=data_dir).is_prepared()
 
 
 def _read_records(source: Sequence[Any], chunk: int = 1024) -> Iterator[dict[str, Any]]:
