@@ -25,7 +25,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from demkd_jax import hostmem  # noqa: E402
+from demkd_jax import hugepages  # noqa: E402
 from demkd_jax.models import winograd  # noqa: E402
 
 # (map size, C_in, C_out) of the 3x3 convolutions in vgg13 (and vgg8: a subset) on 32x32 inputs; the last two
@@ -101,5 +101,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    hostmem.reexec_with_tunables()
+    hugepages.restart_with_huge_pages()
     sys.exit(main())

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from demkd_jax import data  # noqa: E402  pylint: disable=g-import-not-at-top
-from demkd_jax import hostmem  # noqa: E402
+from demkd_jax import hugepages  # noqa: E402
 
 
 def time_load(label: str, cfg: dict) -> data.Dataset:
@@ -91,5 +91,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    hostmem.reexec_with_tunables()
+    hugepages.restart_with_huge_pages()
     main()

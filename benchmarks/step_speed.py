@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from demkd_jax import data as data_lib  # noqa: E402
-from demkd_jax import hostmem  # noqa: E402
+from demkd_jax import hugepages  # noqa: E402
 from demkd_jax import models, train  # noqa: E402
 
 
@@ -220,5 +220,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    hostmem.reexec_with_tunables()
+    hugepages.restart_with_huge_pages()
     sys.exit(main())

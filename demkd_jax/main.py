@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from demkd_jax import hostmem
+from demkd_jax import hugepages
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and summary.json.")
@@ -70,5 +70,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    hostmem.reexec_with_tunables()
+    hugepages.restart_with_huge_pages()
     app.run(main, flags_parser=parse_flags)

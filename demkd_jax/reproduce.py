@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 
 from demkd_jax import config as config_lib
-from demkd_jax import hostmem
+from demkd_jax import hugepages
 from demkd_jax import methods
 from demkd_jax import stats
 from demkd_jax import train
@@ -656,5 +656,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    hostmem.reexec_with_tunables()
+    hugepages.restart_with_huge_pages()
     sys.exit(main())

@@ -118,7 +118,7 @@ def reexec_blocker(environ=None) -> str:
     return ""
 
 
-def reexec_with_tunables() -> None:
+def restart_with_huge_pages() -> None:
     """Replaces this process by the same command line with ``GLIBC_TUNABLES`` set; returns if not applicable.
 
     Call it first thing under ``if __name__ == "__main__":`` (before JAX starts). The re-executed process
@@ -126,7 +126,7 @@ def reexec_with_tunables() -> None:
     """
     if not tunables_apply() or reexec_blocker():
         return
-    print(f"hostmem: restarting with GLIBC_TUNABLES={TUNABLES} (huge pages for XLA:CPU buffers; "
+    print(f"demkd_jax: restarting with GLIBC_TUNABLES={TUNABLES} (huge pages for XLA:CPU buffers; "
           f"{OPT_OUT}=1 turns this off)", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os.environ["GLIBC_TUNABLES"] = TUNABLES
