@@ -25,7 +25,7 @@ import jax
 import ml_collections
 
 from demkd_jax import config as config_lib
-from demkd_jax import hostmem
+from demkd_jax import hostmem, interrupts
 from demkd_jax import methods
 from demkd_jax import train
 
@@ -118,7 +118,6 @@ def _load_summary(workdir: pathlib.Path) -> dict | None:
 
 def run(args) -> dict[str, Any]:
     root = pathlib.Path(args.workdir).absolute()
-    root.mkdir(parents=True, exist_ok=True)
     labels = [v for v in VARIANTS if args.methods is None or v[0] in args.methods or v[1] in args.methods]
     # Validate every piece's config before any work.
     teacher_cfg = teacher_run_config(args)
@@ -131,6 +130,7 @@ def run(args) -> dict[str, Any]:
         cfg.teachers.checkpoints = ()  # the teacher dirs do not exist yet
         config_lib.validate(cfg)
 
+    root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     t_summary = _load_summary(t_dir)
     if t_summary is None or "teacher_dirs" not in t_summary:
@@ -229,10 +229,14 @@ def main(argv=None) -> int:
     from demkd_jax.data import DataError
 
     try:
-        run(args)
+        with interrupts.stop_on_signals():
+            run(args)
     except (config_lib.ConfigError, CheckpointError, DataError, train.NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except interrupts.Interrupted as e:
+        print(f"interrupted: {e}; rerun the same command to resume (finished pieces are reused)", file=sys.stderr)
+        return e.exit_status
     return 0
 
 
