@@ -15,8 +15,12 @@ import threading
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(Exception):
-    """The run was asked to stop by ``signum``; ``exit_status`` is the shell's 128 + signum (130, 143)."""
+class Interrupted(BaseException):
+    """The run was asked to stop by ``signum``; ``exit_status`` is the shell's 128 + signum (130, 143).
+
+    A BaseException, like KeyboardInterrupt: the ``except Exception`` that classifies a read error (a
+    checkpoint restore, say) as corruption must not catch it.
+    """
 
     def __init__(self, signum: int):
         self.signum = int(signum)
