@@ -2,17 +2,20 @@
 
 Teacher checkpoints: one directory per teacher::
 
-    <dir>/teacher.json    {"format": "demkd_jax.teacher/1", "model": "vgg13", "num_classes": 100, "width": 1.0, ...}
+    <dir>/teacher.json    {"format": "demkd_jax.teacher/1", "model": "vgg13", "num_classes": 100, "width": 1.0,
+                           "checksum": 123456789, ...}
     <dir>/variables/      Orbax StandardCheckpointer tree {"params", "batch_stats"}
 
 written by the teacher trainer and by ``python -m demkd_jax.convert`` alike, and restored by
 :func:`load_teacher`, which checks the architecture, class count and every parameter shape against the
-model the distillation config asks for, naming any mismatch; :func:`check_teacher_dirs` checks the same from
+model the distillation config asks for, naming any mismatch, and verifies the arrays (checksum of every bit,
+all values finite); :func:`check_teacher_dirs` checks the same from
 ``teacher.json`` alone, before anything is loaded or compiled.
 
 Training checkpoints (:class:`TrainCheckpointer`): ``<workdir>/checkpoints/<step>/`` written by an Orbax
-CheckpointManager (the last N plus the best by test accuracy), each with a checksum of the whole state; a
-restart resumes from the newest one that reads back exactly and sets corrupted ones aside.
+CheckpointManager (the last N plus the best by test accuracy), each with a checksum of the whole state (and
+the run's metrics records so far); a restart resumes from the newest one that reads back exactly and sets
+corrupted or unverifiable ones aside.
 """
 
 from __future__ import annotations

@@ -850,7 +850,8 @@ def test_damaged_teacher_is_refused_in_one_line_naming_it(kind, saved_teacher, t
 def test_converted_teacher_is_saved_with_a_checksum(tmp_path):
     """convert writes through save_teacher with numpy leaves: the same checksum as the device arrays."""
     model = models.create_model("resnet8", TINY_CLASSES, width=0.25)
-    variables = jax.tree_util.tree_map(np.asarray, models.init_variables(model, jax.random.PRNGKey(3)))
+    variables = jax.tree_util.tree_map(np.asarray, jax.jit(lambda k: models.init_variables(model, k))(
+        jax.random.PRNGKey(3)))
     ckpt_lib.save_teacher(tmp_path / "t", variables, model_name="resnet8", num_classes=TINY_CLASSES, width=0.25)
     assert ckpt_lib.read_teacher_meta(tmp_path / "t")["checksum"] == ckpt_lib.tree_checksum(variables)[0]
     bad = jax.tree_util.tree_map(np.array, variables)
@@ -954,6 +955,21 @@ def test_a_signal_inside_a_critical_write_waits_for_it():
             time.sleep(1)
         assert err.value.exit_status == 130
     assert signal.getsignal(signal.SIGTERM) is not interrupts._handler
+
+
+def test_a_signal_during_a_restore_is_not_taken_for_corruption(tmp_path, monkeypatch):
+    from demkd_jax import interrupts
+
+    directory = tmp_path / "checkpoints"
+    _saved_checkpointer(directory, steps=(1, 2))
+
+    def interrupted_restore(self, *args, **kwargs):
+        raise interrupts.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "restore", interrupted_restore)
+    with pytest.raises(interrupts.Interrupted):
+        ckpt_lib.TrainCheckpointer(directory).restore_latest(jax.eval_shape(lambda: _tiny_state(0)))
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
 
 
 def _tree_snapshot(root: pathlib.Path) -> dict[str, bytes | None]:
