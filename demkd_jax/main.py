@@ -62,8 +62,10 @@ def check_config_file(value: str) -> None:
     except OSError as e:
         _fail(f"cannot read {what}: {e.strerror}")
     try:
+        if b"\0" in source:
+            raise UnicodeDecodeError("utf-8", source, source.index(b"\0"), source.index(b"\0") + 1, "NUL byte")
         tree = ast.parse(source.decode("utf-8"), filename=str(path))
-    except (UnicodeDecodeError, ValueError):  # ValueError: NUL bytes
+    except UnicodeDecodeError:
         _fail(f"{what} is not a Python config file (it holds binary data); expected a .py file defining get_config()")
     except SyntaxError as e:
         _fail(f"{what} is not valid Python (line {e.lineno}: {e.msg}); expected a .py file defining get_config()")

@@ -1,4 +1,6 @@
-"""Reliability (issue 5): crash-exact resume, corrupted checkpoints, the non-finite guard, bad inputs, bounded disk.
+"""Reliability (issue 5): crash-exact resume, corrupted checkpoints, the non-finite guard, bad inputs, bounded disk;
+(issue 17) verified teachers, crash-safe metrics, locked workdirs, config changes on resume, SIGINT/SIGTERM, and
+a table of hostile CLI inputs.
 
 Everything runs the real trainer on the tiny npz dataset of ``conftest.py`` (resnet8 at width 0.25, 96 training
 images, batch 16: 6 steps per epoch), in this process or through the CLI in a subprocess.
