@@ -2,17 +2,20 @@
 
 Teacher checkpoints: one directory per teacher::
 
-    <dir>/teacher.json    {"format": "demkd_jax.teacher/1", "model": "vgg13", "num_classes": 100, "width": 1.0, ...}
+    <dir>/teacher.json    {"format": "demkd_jax.teacher/1", "model": "vgg13", "num_classes": 100, "width": 1.0,
+                           "checksum": 123456789, ...}
     <dir>/variables/      Orbax StandardCheckpointer tree {"params", "batch_stats"}
 
 written by the teacher trainer and by ``python -m demkd_jax.convert`` alike, and restored by
 :func:`load_teacher`, which checks the architecture, class count and every parameter shape against the
-model the distillation config asks for, naming any mismatch; :func:`check_teacher_dirs` checks the same from
+model the distillation config asks for, naming any mismatch, and verifies the arrays (checksum of every bit,
+all values finite); :func:`check_teacher_dirs` checks the same from
 ``teacher.json`` alone, before anything is loaded or compiled.
 
 Training checkpoints (:class:`TrainCheckpointer`): ``<workdir>/checkpoints/<step>/`` written by an Orbax
-CheckpointManager (the last N plus the best by test accuracy), each with a checksum of the whole state; a
-restart resumes from the newest one that reads back exactly and sets corrupted ones aside.
+CheckpointManager (the last N plus the best by test accuracy), each with a checksum of the whole state (and
+the run's metrics records so far); a restart resumes from the newest one that reads back exactly and sets
+corrupted or unverifiable ones aside.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from demkd_jax import models
+from demkd_jax import interrupts, models
 
 TEACHER_FORMAT = "demkd_jax.teacher/1"
 TEACHER_META = "teacher.json"
@@ -112,8 +115,12 @@ def save_teacher(
     directory.mkdir(parents=True, exist_ok=True)
     # teacher.json marks a complete teacher: drop an old one before its variables are rewritten.
     (directory / TEACHER_META).unlink(missing_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / TEACHER_VARIABLES, jax.device_get(variables), force=True)
+    variables = jax.device_get(variables)
+    checksum, finite = tree_checksum(variables)
+    if not finite:
+        raise CheckpointError(f"refusing to save teacher {str(directory)!r}: its variables hold non-finite values")
+    with interrupts.critical(), ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / TEACHER_VARIABLES, variables, force=True)
         ckptr.wait_until_finished()
     meta = {
         "format": TEACHER_FORMAT,
@@ -121,16 +128,21 @@ def save_teacher(
         "num_classes": int(num_classes),
         "width": float(width),
         "num_params": models.count_params(variables["params"]),
+        "checksum": checksum,
         **(dict(metadata) if metadata else {}),
     }
     if jax.process_index() == 0:  # multi-host: every process calls Orbax above, one writes the metadata
-        write_json_atomic(directory / TEACHER_META, meta)
+        with interrupts.critical():
+            write_json_atomic(directory / TEACHER_META, meta)
     return directory
 
 
 def read_teacher_meta(directory: str | os.PathLike) -> dict[str, Any]:
     directory = pathlib.Path(directory)
     meta_path = directory / TEACHER_META
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"teacher checkpoint {str(directory)!r} is a file, expected a teacher checkpoint "
+                              f"directory (holding {TEACHER_META} and {TEACHER_VARIABLES}/)")
     if not directory.is_dir():
         raise CheckpointError(f"teacher checkpoint directory {str(directory)!r} does not exist")
     if not meta_path.is_file():
@@ -170,19 +182,46 @@ def load_teacher(
         raise CheckpointError(f"{where} has width {meta.get('width')}, but the config expects {width}")
     model = models.create_model(meta["model"], meta["num_classes"], width=meta.get("width", 1.0))
     abstract = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0)))
+    expected_checksum = meta.get("checksum")
+    if not isinstance(expected_checksum, int):
+        raise CheckpointError(f"{where} cannot be verified: its {TEACHER_META} has no checksum (written before "
+                              "checksums were recorded); convert or train it again")
     path = pathlib.Path(directory).absolute() / TEACHER_VARIABLES
     try:
         with ocp.StandardCheckpointer() as ckptr:
             stored = ckptr.metadata(path)
             stored_tree = getattr(stored, "item_metadata", stored)
             stored_tree = getattr(stored_tree, "tree", stored_tree)
-            compare_trees(abstract, stored_tree, where)
+            _compare_stored_teacher_tree(abstract, stored_tree, where)
             restored = ckptr.restore(path, abstract)
     except CheckpointError:
         raise
     except Exception as e:  # Orbax/tensorstore errors: report in one line
-        raise CheckpointError(f"cannot restore {where}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{where} is corrupted: cannot read its arrays ({_one_line(e)}); convert or train it "
+                              "again") from None
+    checksum, finite = tree_checksum(restored)
+    if checksum != expected_checksum:
+        raise CheckpointError(f"{where} is corrupted: its arrays read back with checksum {checksum}, saved as "
+                              f"{expected_checksum}; convert or train it again")
+    if not finite:
+        raise CheckpointError(f"{where} is corrupted: its arrays hold non-finite values; convert or train it again")
     return jax.tree_util.tree_map(np.asarray, restored), meta
+
+
+def _compare_stored_teacher_tree(abstract: Any, stored_tree: Any, where: str) -> None:
+    """The stored tree against the architecture ``teacher.json`` names. Arrays missing while every stored one
+    fits is a damaged index (``teacher.json`` is written last, after all arrays), not another architecture."""
+    try:
+        compare_trees(abstract, stored_tree, where)
+    except CheckpointError as e:
+        expected, stored = _tree_paths(abstract), _tree_paths(stored_tree)
+        fits = set(stored) <= set(expected) and all(
+            tuple(expected[k].shape) == tuple(v.shape) for k, v in stored.items())
+        if not fits:
+            raise
+        raise CheckpointError(f"{where} is corrupted: its {TEACHER_VARIABLES}/ index lists {len(stored)} of the "
+                              f"{len(expected)} arrays its {TEACHER_META} implies (truncated or damaged files); "
+                              "convert or train it again") from None
 
 
 def check_teacher_dirs(
@@ -340,13 +379,27 @@ class TrainCheckpointer:
 
     # --- save
 
-    def save(self, step: int, state: Any, *, test_acc: float) -> None:
+    def save(self, step: int, state: Any, *, test_acc: float, records: list[dict] | None = None) -> None:
+        """Saves ``state`` as ``step``; ``records`` (the run's metrics.jsonl records so far) are kept with it, so
+        that a damaged metrics.jsonl can be repaired on resume (:meth:`saved_records`)."""
         checksum, finite = tree_checksum(state)
         if not finite:  # the train step never lets a non-finite value into the state; refuse to persist one
             raise CheckpointError(f"refusing to save step {step}: the state holds non-finite values")
-        self.manager.save(step, args=ocp.args.StandardSave(state),
-                          metrics={"test_acc": float(test_acc), "checksum": checksum}, force=True)
-        self.manager.wait_until_finished()
+        metrics = {"test_acc": float(test_acc), "checksum": checksum}
+        if records is not None:
+            metrics["records"] = list(records)
+        with interrupts.critical():
+            self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+            self.manager.wait_until_finished()
+
+    def saved_records(self, step: int) -> list[dict]:
+        """The metrics.jsonl records saved with checkpoint ``step`` (none for a checkpoint saved without)."""
+        try:
+            metrics = self._read_metrics(step)
+        except _CorruptCheckpoint:
+            return []
+        records = (metrics or {}).get("records", [])
+        return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
 
     # --- restore
 
@@ -403,7 +456,7 @@ class TrainCheckpointer:
         return found
 
     def _read_metrics(self, step: int) -> dict | None:
-        """The metrics written with ``step`` (test accuracy, checksum), None if it has none (older format)."""
+        """The metrics written with ``step`` (test accuracy, checksum, epoch records), None if the file is missing."""
         path = self.directory / str(step) / "metrics" / "metrics"
         if not path.exists():
             return None
@@ -421,6 +474,10 @@ class TrainCheckpointer:
         if not item.is_dir():
             raise _CorruptCheckpoint("its state directory 'default' is missing")
         metrics = self._read_metrics(step)
+        expected = None if metrics is None else metrics.get("checksum")
+        if not isinstance(expected, int):  # a checkpoint that cannot be verified is treated as corrupted
+            raise _CorruptCheckpoint("it cannot be verified: its metrics file (holding the checksum) is "
+                                     f"{'missing' if metrics is None else 'without a checksum'}")
         with ocp.StandardCheckpointer() as ckptr:
             try:
                 stored = ocp.StandardCheckpointHandler().metadata(item)  # the tree alone, no step metadata
@@ -443,8 +500,7 @@ class TrainCheckpointer:
         except CheckpointError as e:
             raise _CorruptCheckpoint(str(e)) from None
         checksum, finite = tree_checksum(state)
-        expected = None if metrics is None else metrics.get("checksum")
-        if expected is not None and checksum != expected:
+        if checksum != expected:
             raise _CorruptCheckpoint(f"checksum mismatch: the arrays read back as {checksum}, saved as {expected}")
         if not finite:
             raise _CorruptCheckpoint("it holds non-finite values")

@@ -115,6 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
     # newest good one. If none is good the run stops rather than silently starting over, unless this is True.
     c.checkpoint.delete_corrupt = False
     c.checkpoint.restart_if_all_corrupt = False
+    # A resume whose result-changing fields (seed, hyperparameters, ...) differ from the workdir's config.json is
+    # refused, naming them; True resumes with the new values (demkd_jax/workdir.py).
+    c.checkpoint.allow_config_change = False
 
     # Data parallelism (demkd_jax/parallel.py): the "data" mesh axis and where the on-device dataset lives.
     c.mesh = parallel.default_mesh_config()
@@ -247,6 +250,9 @@ def validate(config, *, workdir: str | None = None) -> None:
         if k < 1:
             _fail(f"config.teachers.num must be >= 1, got {k}")
         for path in ckpts:
+            if os.path.exists(path) and not os.path.isdir(path):
+                _fail(f"teacher checkpoint {path!r} is a file, expected a teacher checkpoint directory "
+                      "(config.teachers.checkpoints)")
             if not os.path.isdir(path):
                 _fail(f"teacher checkpoint directory {path!r} does not exist (config.teachers.checkpoints)")
         # Architecture, class count and agreement of the teachers, from their teacher.json files alone.
@@ -303,6 +309,9 @@ def _is_number(value) -> bool:
 
 
 def _check_writable(workdir: str) -> None:
+    if not str(workdir).strip():  # os.path.abspath("") is the current directory
+        _fail(f"workdir {workdir!r} is empty; expected a directory for the run's checkpoints, metrics and summary "
+              "(e.g. --workdir=runs/vgg8)")
     path = os.path.abspath(workdir)
     probe = path
     while not os.path.exists(probe):

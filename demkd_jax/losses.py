@@ -2,8 +2,10 @@
 
 Conventions:
 - Logits are ``[B, C]``; teacher-stacked arrays carry the teacher axis first (``[K, B, C]``,
-  ``[K, B, H, W, C]``, weights ``[K, B]``). Labels are integers ``[B]`` in ``[0, C)`` (not checked: they may
-  be traced).
+  ``[K, B, H, W, C]``, weights ``[K, B]``). Logits must be floating point and labels integers ``[B]``.
+- Checks cost nothing in a compiled step: dtypes and shapes are checked at trace time; values (labels in
+  ``[0, C)``, a temperature/tau > 0) only when they are concrete, i.e. in a call outside ``jit`` (the trainer
+  checks the dataset's labels and the config's temperatures once, before compiling).
 - Every input is cast to float32 first, so float16/bfloat16 logits are handled in float32. Probabilities
   are only formed as the exp of a finite log-probability (log-softmax, or log-softmax over the non-target
   classes with the target excluded exactly): a probability that underflows to 0 meets a finite log and
@@ -25,6 +27,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "WEIGHT_SCHEMES",
@@ -66,9 +69,28 @@ def _scalar(x: Scalar, name: str) -> jax.Array:
     return x
 
 
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _positive(x: Scalar, name: str) -> jax.Array:
+    """A scalar that must be > 0 (a temperature divides the logits): checked when it is concrete."""
+    checked = _scalar(x, name)
+    if _is_concrete(x) and not float(np.asarray(x)) > 0:
+        raise ValueError(f"{name} must be > 0, got {float(np.asarray(x))!r}")
+    return checked
+
+
+def _check_float_logits(*logits: jax.Array) -> None:
+    for z in logits:
+        if not jnp.issubdtype(jnp.result_type(z), jnp.floating):
+            raise TypeError(f"logits must be floating point, got dtype {jnp.result_type(z)}")
+
+
 def _check_pair(student_logits: jax.Array, teacher_logits: jax.Array) -> None:
     chex.assert_rank([student_logits, teacher_logits], 2)
     chex.assert_equal_shape([student_logits, teacher_logits])
+    _check_float_logits(student_logits, teacher_logits)
 
 
 def _check_labels(labels: jax.Array, batch: int, num_classes: int, *, min_classes: int = 1) -> None:
@@ -77,6 +99,12 @@ def _check_labels(labels: jax.Array, batch: int, num_classes: int, *, min_classe
     chex.assert_shape(labels, (batch,))
     if num_classes < min_classes:
         raise ValueError(f"need at least {min_classes} classes, got logits with C = {num_classes}")
+    if _is_concrete(labels) and batch:
+        values = np.asarray(labels)
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"labels span [{low}, {high}], expected them in [0, {num_classes - 1}] "
+                             f"(C = {num_classes} classes)")
 
 
 def _check_teachers(teacher_logits: jax.Array, what: str, *, min_teachers: int = 1) -> None:
@@ -140,6 +168,7 @@ def _kl_from_logs(log_p: jax.Array, log_q: jax.Array, axis: int = -1) -> jax.Arr
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example cross-entropy CE(z, y) = -log softmax(z)_y, in float32. ``[B, C], [B] -> [B]``."""
     chex.assert_rank(logits, 2)
+    _check_float_logits(logits)
     _check_labels(labels, logits.shape[0], logits.shape[1])
     log_p = jax.nn.log_softmax(_f32(logits), axis=-1)
     return -jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
@@ -148,7 +177,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def kd(student_logits: jax.Array, teacher_logits: jax.Array, temperature: Scalar) -> jax.Array:
     """Vanilla KD per example: KD = T² · KL(p_t ‖ p_s), p = softmax(z / T). ``[B, C] x 2 -> [B]``."""
     _check_pair(student_logits, teacher_logits)
-    t = _scalar(temperature, "temperature")
+    t = _positive(temperature, "temperature")
     log_ps = jax.nn.log_softmax(_f32(student_logits) / t, axis=-1)
     log_pt = jax.nn.log_softmax(jax.lax.stop_gradient(_f32(teacher_logits)) / t, axis=-1)
     return t**2 * _kl_from_logs(log_pt, log_ps)
@@ -163,7 +192,7 @@ def tckd(
     """
     _check_pair(student_logits, teacher_logits)
     _check_labels(labels, *student_logits.shape, min_classes=2)
-    t = _scalar(temperature, "temperature")
+    t = _positive(temperature, "temperature")
     mask = _target_mask(labels, student_logits.shape[-1])
     d_s = _target_logit_margin(_f32(student_logits) / t, mask)
     d_t = _target_logit_margin(jax.lax.stop_gradient(_f32(teacher_logits)) / t, mask)
@@ -185,7 +214,7 @@ def nckd(
     """
     _check_pair(student_logits, teacher_logits)
     _check_labels(labels, *student_logits.shape, min_classes=2)
-    t = _scalar(temperature, "temperature")
+    t = _positive(temperature, "temperature")
     mask = _target_mask(labels, student_logits.shape[-1])
     log_ps = _non_target_log_probs(_f32(student_logits) / t, mask)
     log_pt = _non_target_log_probs(jax.lax.stop_gradient(_f32(teacher_logits)) / t, mask)
@@ -223,7 +252,8 @@ def entropy(logits: jax.Array, temperature: Scalar = 1.0) -> jax.Array:
     """
     if jnp.ndim(logits) < 1:
         raise ValueError(f"entropy needs logits with a class axis, got a scalar of shape {jnp.shape(logits)}")
-    t = _scalar(temperature, "temperature")
+    _check_float_logits(logits)
+    t = _positive(temperature, "temperature")
     log_q = jax.nn.log_softmax(_f32(logits) / t, axis=-1)
     return -jnp.sum(jnp.exp(log_q) * log_q, axis=-1)
 
@@ -258,7 +288,7 @@ def entropy_weights(
     if scheme == "camkd":
         return (1.0 - jax.nn.softmax(h, axis=0)) / (k - 1)
     if scheme == "softmax":
-        return jax.nn.softmax(-h / _scalar(tau, "tau"), axis=0)
+        return jax.nn.softmax(-h / _positive(tau, "tau"), axis=0)
     # "ebkd". A total below the smallest normal float may be flushed to 0 on some backends: treat as 0.
     total = jnp.sum(h, axis=0, keepdims=True)
     ok = total > jnp.finfo(jnp.float32).tiny

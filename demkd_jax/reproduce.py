@@ -47,6 +47,7 @@ import numpy as np
 
 from demkd_jax import config as config_lib
 from demkd_jax import hugepages
+from demkd_jax import interrupts
 from demkd_jax import methods
 from demkd_jax import stats
 from demkd_jax import train
@@ -314,9 +315,8 @@ def selected_methods(p, wanted: list[str] | None) -> list[str]:
 def run(p: ml_collections.ConfigDict, args) -> dict[str, Any]:
     check_protocol(p)
     root = pathlib.Path(args.workdir).absolute()
-    root.mkdir(parents=True, exist_ok=True)
     names = selected_methods(p, args.methods)
-    # Every piece's config is validated before any work.
+    # Every piece's config is validated before any work (and before the workdir is created).
     teacher_cfg = teacher_run_config(p, args)
     config_lib.validate(teacher_cfg, workdir=str(root))
     t_dir = root / "teachers"
@@ -328,6 +328,7 @@ def run(p: ml_collections.ConfigDict, args) -> dict[str, Any]:
         print("warning: matplotlib is not installed: no plots (pip install matplotlib, or the '.[plots]' extra); "
               "results.md and results.json are written", file=sys.stderr)
 
+    root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     t_summary = _load_summary(t_dir)
     if t_summary is None or "teacher_dirs" not in t_summary:
@@ -648,10 +649,14 @@ def main(argv=None) -> int:
 
     try:
         protocol = load_protocol(args.protocol) if args.protocol else pair_protocol(args)
-        run(protocol, args)
+        with interrupts.stop_on_signals():
+            run(protocol, args)
     except (config_lib.ConfigError, CheckpointError, DataError, train.NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except interrupts.Interrupted as e:
+        print(f"interrupted: {e}; rerun the same command to resume (finished pieces are reused)", file=sys.stderr)
+        return e.exit_status
     return 0
 
 

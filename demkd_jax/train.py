@@ -38,6 +38,7 @@ from demkd_jax import losses
 from demkd_jax import methods
 from demkd_jax import models
 from demkd_jax import parallel
+from demkd_jax import workdir as workdir_lib
 
 Params = Any
 
@@ -531,7 +532,9 @@ def prepare_teachers(config, workdir: pathlib.Path | None, ds: data_lib.Dataset,
         dirs = teacher_dirs(t_workdir, config.teachers.num)
         if not all((d / ckpt_lib.TEACHER_META).is_file() for d in dirs):
             log(f"training {config.teachers.num} x {config.teachers.model} teachers in {t_workdir}")
-            train_teachers(teacher_config(config), t_workdir, ds)
+            t_config = teacher_config(config)
+            with workdir_lib.claimed(t_workdir, t_config, lock=parallel.is_primary(), log=log):
+                train_teachers(t_config, t_workdir, ds)
     name, width, variables, _ = load_teachers(config, dirs, ds.num_classes)
     if config.teachers.fold_bn:
         variables = jax.vmap(models.fold_batchnorm)(variables)
@@ -606,42 +609,6 @@ def build_setup(config, ds, teachers: Teachers | None) -> Setup:
 # Logging
 
 
-class MetricsLog:
-    """``metrics.jsonl`` in the workdir: one JSON object per epoch (and per log interval).
-
-    ``writable=False`` (every process but process 0 of a multi-host run) reads but never writes.
-    """
-
-    def __init__(self, workdir: pathlib.Path, writable: bool = True):
-        self.path = workdir / "metrics.jsonl"
-        self.writable = writable
-
-    def truncate_after(self, step: int) -> list[dict]:
-        """On resume: drops records past the restored step and returns the kept ones."""
-        if not self.path.exists():
-            return []
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if rec.get("step", 0) <= step:
-                kept.append(rec)
-        if not self.writable:
-            return kept
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
-        return kept
-
-    def write(self, record: dict) -> None:
-        if not self.writable:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 def _to_python(x):
     x = np.asarray(x)
     return x.item() if x.ndim == 0 else x.tolist()
@@ -701,13 +668,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Every check that can fail on a bad input runs before anything is compiled or written into the workdir.
     config_lib.validate(config, workdir=workdir)
     workdir = pathlib.Path(workdir).absolute()
-    ds = data_lib.load_dataset(config.data)
-    config_lib.validate_data(config, ds)
-    if config_lib.is_teacher_ensemble(config):
-        return train_teachers(config, workdir, ds)
-    teachers = prepare_teachers(config, workdir, ds, parallel.primary_only(print))
-    summary, _ = fit(config, workdir, ds, teachers)
-    return summary
+    log = parallel.primary_only(print)
+    with workdir_lib.claimed(workdir, config, lock=parallel.is_primary(), log=log):
+        ds = data_lib.load_dataset(config.data)
+        config_lib.validate_data(config, ds)
+        if config_lib.is_teacher_ensemble(config):
+            return train_teachers(config, workdir, ds)
+        teachers = prepare_teachers(config, workdir, ds, log)
+        summary, _ = fit(config, workdir, ds, teachers)
+        return summary
 
 
 @dataclasses.dataclass
@@ -759,20 +728,21 @@ def _evaluate_teachers(run: _Run, teachers: Teachers, log: Callable) -> dict:
 
 
 def _restore_or_init(run: _Run, workdir: pathlib.Path, checkpointer: ckpt_lib.TrainCheckpointer,
-                     metrics_log: MetricsLog, log: Callable) -> tuple[TrainState, list[dict]]:
+                     metrics_log: workdir_lib.MetricsLog, log: Callable) -> tuple[TrainState, list[dict]]:
     """The newest checkpoint that reads back exactly (newer corrupted ones are reported and set aside), or a
     fresh state; with the epoch records kept from before the restored step."""
     setup, config = run.setup, run.setup.config
     rng = jax.random.PRNGKey(config.seed)
     resumed = checkpointer.restore_latest(abstract_state(setup, rng))
+    if parallel.is_primary():
+        workdir_lib.record_config(workdir, config, 0 if resumed is None else resumed[0])
     if resumed is not None:
         latest, state = resumed
-        history = [r for r in metrics_log.truncate_after(latest) if "test_acc" in r]
+        saved_records = checkpointer.saved_records(latest)
+        history = [r for r in metrics_log.resume(latest, saved_records, log) if "test_acc" in r]
         log(f"resumed from {checkpointer.directory} at step {latest} (epoch {latest // setup.steps_per_epoch})")
         return state, history
-    metrics_log.truncate_after(0)
-    if parallel.is_primary():
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    metrics_log.resume(0)
     return jit_init_state(setup, rng), []
 
 
@@ -875,7 +845,7 @@ def fit(config: ml_collections.ConfigDict, workdir: pathlib.Path, ds: data_lib.D
         workdir / "checkpoints", keep_last=config.checkpoint.keep_last, keep_best=config.checkpoint.keep_best,
         delete_corrupt=config.checkpoint.delete_corrupt,
         restart_if_all_corrupt=config.checkpoint.restart_if_all_corrupt, log=log)
-    metrics_log = MetricsLog(workdir, writable=parallel.is_primary())
+    metrics_log = workdir_lib.MetricsLog(workdir, writable=parallel.is_primary())
     state, history = _restore_or_init(run, workdir, checkpointer, metrics_log, log)
     step = int(jax.device_get(state.step))
     best = max((r["test_acc"] for r in history), default=float("-inf"))
@@ -909,7 +879,7 @@ def fit(config: ml_collections.ConfigDict, workdir: pathlib.Path, ds: data_lib.D
             f"test {acc:.2f}% (best {best:.2f}%) {record['img_per_s']:.0f} img/s"
             + (f"; skipped {record['skipped_steps']} non-finite steps" if record["skipped_steps"] else ""))
         if epoch % config.checkpoint.every_epochs == 0 or step == total_steps:
-            checkpointer.save(step, state, test_acc=acc)
+            checkpointer.save(step, state, test_acc=acc, records=history)
     checkpointer.close()
 
     summary = _summary(config, ds, setup, history, t_start, teacher_summary)

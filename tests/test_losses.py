@@ -714,3 +714,36 @@ def test_feature_pipeline_with_zoo_models():
     close(w_feat, np_confidence_weights(head_logits, np.asarray(y)))
     sq = (projected.astype(np.float64) - f_t) ** 2
     close(loss, np.mean(np.sum(w * sq.mean(axis=(2, 3, 4)), axis=0)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bad inputs to dkd (issue 17): refused with a clear error, at no cost in a compiled step.
+
+_Z = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+_Y = np.array([0, 1, 4, 2], np.int32)
+
+
+@pytest.mark.parametrize("student, teacher, labels, temperature, error, message", [
+    (_Z.astype(np.int32), _Z, _Y, 4.0, TypeError, "logits must be floating point, got dtype int32"),
+    (_Z, (_Z * 10).astype(np.int64), _Y, 4.0, TypeError, "logits must be floating point, got dtype int"),
+    (_Z, _Z, np.array([0, 1, 5, 2], np.int32), 4.0, ValueError, "labels span [0, 5], expected them in [0, 4]"),
+    (_Z, _Z, np.array([0, -1, 4, 2], np.int32), 4.0, ValueError, "labels span [-1, 4]"),
+    (_Z, _Z, _Y, 0.0, ValueError, "temperature must be > 0, got 0.0"),
+    (_Z, _Z, _Y, -2.0, ValueError, "temperature must be > 0, got -2.0"),
+    (_Z, _Z, _Y, float("nan"), ValueError, "temperature must be > 0, got nan"),
+], ids=["int_student_logits", "int_teacher_logits", "label_too_large", "negative_label", "zero_temperature",
+        "negative_temperature", "nan_temperature"])
+def test_dkd_refuses_bad_inputs(student, teacher, labels, temperature, error, message):
+    with pytest.raises(error) as err:
+        L.dkd(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(labels), 1.0, 8.0, temperature)
+    assert message in str(err.value)
+
+
+def test_dkd_value_checks_add_nothing_to_the_compiled_step():
+    """Traced labels and temperature are not checked (the trainer validates them once): the jaxpr is the same
+    whether the values are checkable or not."""
+    traced = jax.make_jaxpr(lambda s, t, y: L.dkd(s, t, y, 1.0, 8.0, 4.0))(_Z, _Z, _Y)
+    closed = jax.make_jaxpr(lambda s, t: L.dkd(s, t, jnp.asarray(_Y), 1.0, 8.0, 4.0))(_Z, _Z)
+    assert len(traced.jaxpr.eqns) == len(closed.jaxpr.eqns)
+    bad = jax.jit(lambda y: L.dkd(_Z, _Z, y, 1.0, 8.0, 4.0))(jnp.asarray([0, 1, 9, 2]))  # no error under jit
+    assert bad.shape == (4,)

@@ -1,4 +1,6 @@
-"""Reliability (issue 5): crash-exact resume, corrupted checkpoints, the non-finite guard, bad inputs, bounded disk.
+"""Reliability (issue 5): crash-exact resume, corrupted checkpoints, the non-finite guard, bad inputs, bounded disk;
+(issue 17) verified teachers, crash-safe metrics, locked workdirs, config changes on resume, SIGINT/SIGTERM, and
+a table of hostile CLI inputs.
 
 Everything runs the real trainer on the tiny npz dataset of ``conftest.py`` (resnet8 at width 0.25, 96 training
 images, batch 16: 6 steps per epoch), in this process or through the CLI in a subprocess.
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import TINY_CLASSES, TINY_OVERRIDES, repo_env, write_tiny_npz
+from conftest import TINY_CLASSES, TINY_OVERRIDES, apply_overrides, repo_env, write_tiny_npz
 
 from demkd_jax import checkpoint as ckpt_lib
 from demkd_jax import config as config_lib
@@ -166,6 +168,18 @@ def write_teacher_meta(directory: pathlib.Path, model: str, num_classes: int = T
     return str(directory)
 
 
+def rewrite_teacher_value(directory: pathlib.Path, value: float) -> None:
+    """A teacher whose arrays are a valid Orbax checkpoint differing from what was saved in one float."""
+    path = directory / ckpt_lib.TEACHER_VARIABLES
+    with ocp.StandardCheckpointer() as ckptr:
+        variables = jax.tree_util.tree_map(np.array, ckptr.restore(path))
+    leaf = jax.tree_util.tree_leaves(variables["params"])[0]
+    leaf.reshape(-1)[0] = value
+    shutil.rmtree(path)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, variables)
+
+
 def save_random_teacher(directory: pathlib.Path, model_name: str, seed: int, width: float = 0.25) -> str:
     model = models.create_model(model_name, TINY_CLASSES, width=width)
     variables = jax.jit(lambda k: models.init_variables(model, k))(jax.random.PRNGKey(seed))
@@ -185,6 +199,7 @@ class BadInput:
     expect: tuple[str, ...]  # substrings of the message: the bad value and what was expected
     cli: bool = False
     env: dict | None = None  # extra environment of a CLI case
+    reads_arrays: bool = False  # the check needs the teachers' arrays (their checksum is computed on the device)
 
 
 @dataclasses.dataclass
@@ -250,6 +265,25 @@ def _corrupted_archive(ctx):
     archive = ctx.tmp / "cifar-100-python.tar.gz"
     archive.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     return {"data.source": "pickle", "data.name": "cifar100", "data.path": str(archive)}
+
+
+def _teacher_path_is_a_file(ctx):
+    f = ctx.tmp / "teacher.pth"
+    f.write_bytes(b"not a directory")
+    return {"distill.method": "demkd", "teachers.checkpoints": (str(f), _two_resnet8(ctx)[0])}
+
+
+def _npz_of_random_bytes(ctx):
+    root = ctx.tmp / "npz_garbage"
+    write_tiny_npz(root)
+    (root / "tiny_train.npz").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return {"data.path": str(root)}
+
+
+def _teacher_with_a_changed_value(ctx):
+    dirs = [save_random_teacher(ctx.tmp / f"teacher_{k}", "resnet8", seed=k) for k in range(2)]
+    rewrite_teacher_value(pathlib.Path(dirs[1]), 0.5)
+    return {"distill.method": "demkd", "teachers.checkpoints": tuple(dirs)}
 
 
 BAD_INPUTS = [
@@ -326,6 +360,13 @@ BAD_INPUTS = [
              ("config.checkpoint.keep_last must be a positive integer, got 0",)),
     BadInput("unwritable_workdir", _chmod_readonly, ("is not writable",)),
     BadInput("workdir_is_a_file", _workdir_is_file, ("a_file' exists and is not a directory",)),
+    BadInput("teacher_path_is_a_file", _teacher_path_is_a_file,
+             ("teacher.pth' is a file, expected a teacher checkpoint directory",)),
+    BadInput("npz_of_random_bytes", _npz_of_random_bytes,
+             ("tiny_train.npz is not a readable .npz file (not a zip archive",)),
+    # Fails only once the arrays are read (after the workdir was claimed): the workdir must still be removed.
+    BadInput("teacher_fails_verification", _teacher_with_a_changed_value,
+             ("teacher_1' is corrupted: its arrays read back with checksum",), reads_arrays=True),
     BadInput("mistyped_config_key", lambda ctx: ["--config.optim.learnin_rate=0.1"],
              ("--config.optim.learnin_rate", "no field 'learnin_rate'", 'did you mean "learning_rate"'), cli=True),
     BadInput("config_value_of_wrong_type", lambda ctx: ["--config.num_epochs=three"],
@@ -356,12 +397,13 @@ def test_bad_input_fails_fast_with_one_line(case, tmp_path, make_config, tiny_da
             with pytest.raises(INPUT_ERRORS) as err:
                 train.train_and_evaluate(config, str(workdir))
         message = str(err.value)
-        assert compiles == [], f"compiled {compiles} before failing"
+        if not case.reads_arrays:
+            assert compiles == [], f"compiled {compiles} before failing"
     assert "\n" not in message
     for part in case.expect:
         assert part in message, message
-    # Nothing was trained or written into the workdir.
-    assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
+    # Nothing was trained or written: the workdir was not even created (or, a file, is still that file).
+    assert not workdir.is_dir()
     BAD_INPUT_MESSAGES[case.id] = message
 
 
@@ -420,6 +462,13 @@ UNIT_CORRUPTIONS = {
     "killed_before_the_state_was_written": (lambda s: shutil.rmtree(s / "default"),
                                             "its state directory 'default' is missing"),
     "one_value_changed": (lambda s: _rewrite_one_value(s), "checksum mismatch"),
+    # Without its metrics file a checkpoint cannot be verified: changed or not, it must not be restored.
+    "missing_metrics_file_and_one_value_changed": (
+        lambda s: ((s / "metrics" / "metrics").unlink(), _rewrite_one_value(s)),
+        "it cannot be verified: its metrics file (holding the checksum) is missing"),
+    "metrics_file_without_checksum": (
+        lambda s: (s / "metrics" / "metrics").write_text('{"test_acc": 3.0}'),
+        "it cannot be verified: its metrics file (holding the checksum) is without a checksum"),
 }
 
 
@@ -577,7 +626,8 @@ def test_nonfinite_loss_stops_before_saving_and_keeps_the_last_checkpoint(base_r
     before = step_dirs(workdir)
     # Resume at the end of epoch 4 with a learning rate that blows the weights up in the next steps.
     with pytest.raises(train.NonFiniteError) as err:
-        train.train_and_evaluate(config(**{"num_epochs": 6, "optim.learning_rate": 1e30}), str(workdir))
+        train.train_and_evaluate(config(**{"num_epochs": 6, "optim.learning_rate": 1e30,
+                                           "checkpoint.allow_config_change": True}), str(workdir))
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("non-finite ")
     bad_step = int(msg.split(" at step ")[1].split(";")[0])
@@ -757,3 +807,344 @@ def test_print_bad_input_messages():
     for case in BAD_INPUTS:
         if case.id in BAD_INPUT_MESSAGES:
             print(f"{case.id}\t{BAD_INPUT_MESSAGES[case.id]}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 17: verified teachers, crash-safe metrics, locked workdirs, config changes on resume, signals, and a
+# table of hostile CLI inputs
+
+
+@pytest.fixture(scope="module")
+def saved_teacher(tmp_path_factory) -> pathlib.Path:
+    return pathlib.Path(save_random_teacher(tmp_path_factory.mktemp("verified") / "teacher", "resnet8", seed=0))
+
+
+def _nan_in_teacher(d):
+    rewrite_teacher_value(d, float("nan"))
+
+
+def _truncate_teacher_index(d):
+    f = d / ckpt_lib.TEACHER_VARIABLES / "_METADATA"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _garbage_in_teacher(d):
+    f = max((p for p in (d / ckpt_lib.TEACHER_VARIABLES).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2:len(b) // 2 + 16] = bytes(range(16))
+    f.write_bytes(bytes(b))
+
+
+def _teacher_without_checksum(d):
+    meta = json.loads((d / ckpt_lib.TEACHER_META).read_text())
+    del meta["checksum"]
+    ckpt_lib.write_json_atomic(d / ckpt_lib.TEACHER_META, meta)
+
+
+TEACHER_CORRUPTIONS = {
+    "finite_value_changed": (lambda d: rewrite_teacher_value(d, 0.5), "is corrupted: its arrays read back with checksum"),
+    "nan_leaf": (_nan_in_teacher, "is corrupted: its arrays read back with checksum"),
+    "garbage_bytes": (_garbage_in_teacher, "is corrupted"),
+    "truncated_array_index": (_truncate_teacher_index, "is corrupted: its variables/ index lists"),
+    "no_checksum_recorded": (_teacher_without_checksum, "cannot be verified: its teacher.json has no checksum"),
+}
+
+
+def test_saved_teacher_records_a_checksum_and_loads(saved_teacher):
+    meta = ckpt_lib.read_teacher_meta(saved_teacher)
+    assert isinstance(meta["checksum"], int)
+    variables, _ = ckpt_lib.load_teacher(saved_teacher, model_name="resnet8", num_classes=TINY_CLASSES)
+    assert ckpt_lib.tree_checksum(variables)[0] == meta["checksum"]
+
+
+@pytest.mark.parametrize("kind", list(TEACHER_CORRUPTIONS))
+def test_damaged_teacher_is_refused_in_one_line_naming_it(kind, saved_teacher, tmp_path):
+    corrupt, reason = TEACHER_CORRUPTIONS[kind]
+    d = tmp_path / "teacher"
+    shutil.copytree(saved_teacher, d)
+    corrupt(d)
+    with pytest.raises(ckpt_lib.CheckpointError) as err:
+        ckpt_lib.load_teacher(d)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"teacher checkpoint {str(d)!r}") and reason in msg, msg
+
+
+def test_converted_teacher_is_saved_with_a_checksum(tmp_path):
+    """convert writes through save_teacher with numpy leaves: the same checksum as the device arrays."""
+    model = models.create_model("resnet8", TINY_CLASSES, width=0.25)
+    variables = jax.tree_util.tree_map(np.asarray, jax.jit(lambda k: models.init_variables(model, k))(
+        jax.random.PRNGKey(3)))
+    ckpt_lib.save_teacher(tmp_path / "t", variables, model_name="resnet8", num_classes=TINY_CLASSES, width=0.25)
+    assert ckpt_lib.read_teacher_meta(tmp_path / "t")["checksum"] == ckpt_lib.tree_checksum(variables)[0]
+    bad = jax.tree_util.tree_map(np.array, variables)
+    jax.tree_util.tree_leaves(bad)[0].reshape(-1)[0] = np.inf
+    with pytest.raises(ckpt_lib.CheckpointError, match="non-finite"):
+        ckpt_lib.save_teacher(tmp_path / "t2", bad, model_name="resnet8", num_classes=TINY_CLASSES, width=0.25)
+
+
+def test_cut_last_metrics_line_is_repaired_from_the_checkpoint(base_run, tmp_path, capsys):
+    config, base, summary, _, records = base_run
+    workdir = tmp_path / "run"
+    shutil.copytree(base, workdir)
+    text = (workdir / "metrics.jsonl").read_text()
+    cut = text[: len(text) - len(text.splitlines()[-1]) // 2 - 1]  # a crash in the middle of the last record
+    (workdir / "metrics.jsonl").write_text(cut)
+    capsys.readouterr()
+    resumed = train.train_and_evaluate(config(), str(workdir))
+    assert "had lost the records of epoch(s) 4; restored them from the checkpoint" in capsys.readouterr().out
+    assert metrics_records(workdir) == records
+    assert resumed["final_test_acc"] == summary["final_test_acc"]
+    assert json.loads((workdir / "summary.json").read_text())["final_test_acc"] == summary["final_test_acc"]
+
+
+def test_metrics_log_keeps_records_and_drops_a_cut_line(tmp_path):
+    from demkd_jax.workdir import MetricsLog
+
+    log = MetricsLog(tmp_path)
+    for e in (1, 2, 3):
+        log.write({"epoch": e, "step": 6 * e, "test_acc": float(e)})
+    with log.path.open("a") as f:
+        f.write('{"epoch": 4, "step": 24, "te')
+    lines = []
+    kept = log.resume(18, saved=[{"epoch": 1, "step": 6, "test_acc": 9.0}], log=lines.append)
+    assert [r["epoch"] for r in kept] == [1, 2, 3] and kept[0]["test_acc"] == 1.0 and lines == []
+    assert metrics_records(tmp_path) == kept
+    (tmp_path / "metrics.jsonl").write_text("")
+    kept = log.resume(12, saved=[{"epoch": 1, "step": 6}, {"epoch": 2, "step": 12}, {"epoch": 3, "step": 18}])
+    assert [r["epoch"] for r in kept] == [1, 2]
+
+
+def test_resume_with_another_seed_is_refused_naming_it(base_run, tmp_path, capsys):
+    config, base, _, final, records = base_run
+    workdir = tmp_path / "run"
+    shutil.copytree(base, workdir)
+    before = _tree_snapshot(workdir)
+    with pytest.raises(config_lib.ConfigError) as err:
+        train.train_and_evaluate(config(**{"seed": 1, "distill.temperature": 2.0}), str(workdir))
+    msg = str(err.value)
+    assert "\n" not in msg and f"workdir {str(workdir)!r} holds a run with another config" in msg
+    assert "distill.temperature: 4.0 -> 2.0; seed: 0 -> 1" in msg and "allow_config_change=True" in msg
+    assert _tree_snapshot(workdir) == before
+    # Result-neutral fields may change; the override resumes and keeps the old config.json aside.
+    train.train_and_evaluate(config(**{"log_every_steps": 3, "progress_bar": False}), str(workdir))
+    assert not list(workdir.glob("config.step*.json"))
+    capsys.readouterr()
+    train.train_and_evaluate(config(**{"seed": 1, "checkpoint.allow_config_change": True}), str(workdir))
+    assert "with a changed config (seed: 0 -> 1)" in capsys.readouterr().out
+    assert json.loads((workdir / "config.json").read_text())["seed"] == 1
+    assert json.loads((workdir / f"config.step{4 * SPE}.json").read_text())["seed"] == 0
+
+
+def test_workdir_in_use_is_refused_and_a_stale_lock_taken_over(make_config, tmp_path):
+    from demkd_jax.workdir import LOCK_NAME, WorkdirLock
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = WorkdirLock(workdir)
+    holder.acquire()
+    try:
+        with pytest.raises(config_lib.ConfigError) as err:
+            train.train_and_evaluate(make_config(), str(workdir))
+        msg = str(err.value)
+        assert "\n" not in msg and f"workdir {str(workdir)!r} is in use by another run (pid {os.getpid()} on " in msg
+        assert os.listdir(workdir) == [LOCK_NAME]
+    finally:
+        holder.release()
+    assert os.listdir(workdir) == []
+    # What a killed run leaves: the file, unlocked (the kernel drops the lock of a dead process).
+    (workdir / LOCK_NAME).write_text('{"pid": 999999999, "host": "gone", "started": "yesterday"}')
+    lines = []
+    lock = WorkdirLock(workdir)
+    lock.acquire(lines.append)
+    assert len(lines) == 1 and "took over the stale lock" in lines[0] and "pid 999999999 on gone" in lines[0]
+    assert json.loads((workdir / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_a_signal_inside_a_critical_write_waits_for_it():
+    from demkd_jax import interrupts
+
+    with interrupts.stop_on_signals():
+        done = []
+        with pytest.raises(interrupts.Interrupted) as err:
+            with interrupts.critical():
+                os.kill(os.getpid(), signal.SIGTERM)
+                done.append("written")
+            done.append("after")
+        assert done == ["written"] and err.value.exit_status == 143
+        with pytest.raises(interrupts.Interrupted) as err:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert err.value.exit_status == 130
+    assert signal.getsignal(signal.SIGTERM) is not interrupts._handler
+
+
+def test_a_signal_during_a_restore_is_not_taken_for_corruption(tmp_path, monkeypatch):
+    from demkd_jax import interrupts
+
+    directory = tmp_path / "checkpoints"
+    _saved_checkpointer(directory, steps=(1, 2))
+
+    def interrupted_restore(self, *args, **kwargs):
+        raise interrupts.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "restore", interrupted_restore)
+    with pytest.raises(interrupts.Interrupted):
+        ckpt_lib.TrainCheckpointer(directory).restore_latest(jax.eval_shape(lambda: _tiny_state(0)))
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
+
+
+def _tree_snapshot(root: pathlib.Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with a file's content (None: a directory); {} if ``root`` does not exist."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+SIGNAL_TRAIN_IMAGES = 480  # 30 steps per epoch: a signal lands among the training steps
+
+
+def test_sigint_and_sigterm_stop_cleanly_and_the_rerun_resumes(tmp_path, tiny_cache):
+    num_epochs, spe = 3, SIGNAL_TRAIN_IMAGES // 16
+    data = write_tiny_npz(tmp_path / "data", n_train=SIGNAL_TRAIN_IMAGES)
+    overrides = {**TINY_OVERRIDES, "data.path": str(data), "data.cache_dir": str(tiny_cache),
+                 "num_epochs": num_epochs, "log_every_steps": 5}
+    config_file = write_config_file(tmp_path / "config.py", overrides)
+    env = subprocess_env(tmp_path / "jax_cache")
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "demkd_jax.main", "--config", str(config_file), "--workdir", str(workdir)]
+
+    def launch_and_signal(sig, ready: Callable[[str], bool], i: int) -> tuple[int, str]:
+        log = tmp_path / f"launch_{i}.log"
+        with log.open("w") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+            _wait_for(lambda: (workdir / "checkpoints").is_dir() and ready(log.read_text()), proc, f"launch {i}")
+            assert proc.poll() is None, log.read_text()[-2000:]
+            proc.send_signal(sig)
+            proc.wait(timeout=120)
+        return proc.returncode, log.read_text()
+
+    # SIGINT once epoch 1 is checkpointed, during epoch 2's steps.
+    rc, out = launch_and_signal(signal.SIGINT, lambda log: spe in step_dirs(workdir) and not _tmp_dirs(
+        workdir / "checkpoints"), 0)
+    assert rc == 130, out[-3000:]
+    said = [line for line in out.splitlines() if line.startswith("interrupted:")]
+    assert said == [f"interrupted: interrupted by SIGINT; rerun the same command to resume from the last checkpoint "
+                    f"(step {spe} in {workdir / 'checkpoints'})"], out[-3000:]
+    assert "Traceback" not in out and not (workdir / ".lock").exists()
+    # The rerun resumes; SIGTERM right after the resume.
+    rc, out = launch_and_signal(signal.SIGTERM, lambda log: "resumed from" in log, 1)
+    assert f"resumed from {workdir / 'checkpoints'} at step {spe}" in out
+    assert rc == 143 and "interrupted: interrupted by SIGTERM;" in out and "Traceback" not in out, out[-3000:]
+    records = metrics_records(workdir)
+    assert [r["epoch"] for r in records] == list(range(1, len(records) + 1)) and step_dirs(workdir)[-1] < num_epochs * spe
+    assert not (workdir / ".lock").exists() and not _tmp_dirs(workdir / "checkpoints")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostileCli:
+    id: str
+    # (tmp, cleanups) -> (argv after the interpreter, the directory that must stay unchanged)
+    make: Callable[[pathlib.Path, list], tuple[list[str], pathlib.Path]]
+    expect: str  # the bad value, named in the one error line
+
+
+def _main(config: pathlib.Path | str, workdir: pathlib.Path | str, *flags: str) -> list[str]:
+    return ["-m", "demkd_jax.main", "--config", str(config), f"--workdir={workdir}", *flags]
+
+
+def _tiny_config_file(tmp: pathlib.Path, **extra) -> pathlib.Path:
+    overrides = {**TINY_OVERRIDES, "data.path": str(tmp / "data"), "data.cache_dir": str(tmp / "cache"), **extra}
+    return write_config_file(tmp / "config.py", overrides)
+
+
+def _config_file_case(name: str, content: bytes | None):
+    def make(tmp, cleanups):
+        path = tmp / name
+        if content is not None:
+            path.write_bytes(content)
+        return _main(path, tmp / "run"), tmp / "run"
+    return make
+
+
+def _empty_workdir(tmp, cleanups):
+    return _main(_tiny_config_file(tmp), ""), tmp  # the current directory (tmp) must stay as it is
+
+
+def _locked_workdir(tmp, cleanups):
+    from demkd_jax.workdir import WorkdirLock
+
+    workdir = tmp / "run"
+    workdir.mkdir()
+    holder = WorkdirLock(workdir)  # held by this (the test) process, another than the CLI's
+    holder.acquire()
+    cleanups.append(holder.release)
+    return _main(_tiny_config_file(tmp), workdir), workdir
+
+
+def _resume_with_another_seed(tmp, cleanups):
+    workdir = tmp / "run"
+    (workdir / "checkpoints" / "6").mkdir(parents=True)  # a checkpoint is there: this would be a resume
+    config = config_lib.base_config()
+    apply_overrides(config, {**TINY_OVERRIDES, "data.path": str(tmp / "data"), "data.cache_dir": str(tmp / "cache")})
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    return _main(_tiny_config_file(tmp), workdir, "--config.seed=7"), workdir
+
+
+def _teacher_path_file(tmp, cleanups):
+    (tmp / "t.pth").write_bytes(b"torch")
+    return _main(_tiny_config_file(tmp, **{"distill.method": "kd", "teachers.checkpoints": (str(tmp / "t.pth"),)}),
+                 tmp / "run"), tmp / "run"
+
+
+def _npz_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, image=np.zeros((2, 32, 32, 3), np.uint8))
+    return buffer.getvalue()
+
+
+NPZ_BYTES = _npz_bytes()
+
+HOSTILE_CLI = [
+    HostileCli("empty_workdir", _empty_workdir, "workdir '' is empty"),
+    HostileCli("config_missing", _config_file_case("nope.py", None), "nope.py' does not exist"),
+    HostileCli("config_is_a_text_file", _config_file_case("notes.txt", b"hello world\n"),
+               "notes.txt' is not valid Python"),
+    HostileCli("config_is_an_npz", _config_file_case("data.npz", NPZ_BYTES),
+               "data.npz' is not a Python config file (it holds binary data)"),
+    HostileCli("config_without_get_config", _config_file_case("c.py", b"x = 1\n"), "c.py' defines no get_config()"),
+    HostileCli("config_is_a_directory", lambda tmp, _: (_main(tmp, tmp / "run"), tmp / "run"), "' is not a file"),
+    HostileCli("workdir_in_use", _locked_workdir, "is in use by another run (pid "),
+    HostileCli("resume_with_another_seed", _resume_with_another_seed, "another config (seed: 0 -> 7)"),
+    HostileCli("teacher_path_is_a_file", _teacher_path_file, "t.pth' is a file, expected a teacher checkpoint"),
+    HostileCli("negative_epochs", lambda tmp, _: (_main(_tiny_config_file(tmp), tmp / "run", "--config.num_epochs=-1"),
+                                               tmp / "run"), "config.num_epochs must be a positive integer, got -1"),
+    HostileCli("reproduce_unknown_student",
+               lambda tmp, _: (["-m", "demkd_jax.reproduce", "--pair", "resnet14-nope", "--workdir", str(tmp / "r")],
+                            tmp / "r"), "unknown model name 'nope'"),
+    HostileCli("reproduce_negative_epochs",
+               lambda tmp, _: (["-m", "demkd_jax.reproduce", "--pair", "resnet14-resnet8", "--epochs", "-1",
+                             "--workdir", str(tmp / "r")], tmp / "r"), "num_epochs must be a positive integer, got -1"),
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE_CLI, ids=[c.id for c in HOSTILE_CLI])
+def test_hostile_cli_input_exits_2_with_one_line_and_changes_nothing(case, tmp_path):
+    write_tiny_npz(tmp_path / "data")
+    cleanups: list[Callable[[], None]] = []
+    try:
+        argv, watched = case.make(tmp_path, cleanups)
+        before = _tree_snapshot(watched)
+        out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                             env=subprocess_env())
+        after = _tree_snapshot(watched)
+    finally:
+        for cleanup in cleanups:
+            cleanup()
+    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+    lines = error_lines(out.stderr)
+    assert len(lines) == 1 and case.expect in lines[0], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert after == before

@@ -562,6 +562,10 @@ def _npz_file(directory: pathlib.Path, split: str) -> pathlib.Path:
 
 
 def _read_npz_file(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    # np.load takes a file that is not a zip archive for a pickle or an .npy; an .npz is always a zip archive.
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise DataFormatError(f"{path} is not a readable .npz file (not a zip archive, which an .npz is; "
+                              "truncated or not written by numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.keys())

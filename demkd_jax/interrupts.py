@@ -1,0 +1,74 @@
+"""Stopping cleanly on SIGINT (Ctrl-C) and SIGTERM (what schedulers and preemption send).
+
+Inside :func:`stop_on_signals` the first such signal raises :class:`Interrupted` in the main thread: the step
+in flight is abandoned and the newest checkpoint on disk is the one a rerun resumes from. A signal that lands
+inside :func:`critical` (a checkpoint save, a metrics record, a config write) is held until that write is
+complete, so no file is left half-written by it. A second signal ends the process at once (the default action).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """The run was asked to stop by ``signum``; ``exit_status`` is the shell's 128 + signum (130, 143).
+
+    A BaseException, like KeyboardInterrupt: the ``except Exception`` that classifies a read error (a
+    checkpoint restore, say) as corruption must not catch it.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        self.signal_name = signal.Signals(signum).name
+        self.exit_status = 128 + self.signum
+        super().__init__(f"interrupted by {self.signal_name}")
+
+
+_depth = 0  # nesting of critical() sections in the main thread
+_pending: int | None = None  # a signal received inside a critical section
+
+
+def _handler(signum, frame) -> None:
+    global _pending
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    if _depth:
+        _pending = signum
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def critical():
+    """A write that a stop signal must not cut: the signal takes effect when the block is done."""
+    global _depth, _pending
+    if threading.current_thread() is not threading.main_thread():  # signals are only handled in the main thread
+        yield
+        return
+    _depth += 1
+    try:
+        yield
+    except BaseException:
+        _depth -= 1
+        raise
+    _depth -= 1
+    if _depth == 0 and _pending is not None:
+        signum, _pending = _pending, None
+        raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Installs the handlers for the block (the previous ones come back after it)."""
+    global _pending
+    previous = {s: signal.signal(s, _handler) for s in STOP_SIGNALS}
+    _pending = None
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,297 @@
+"""The workdir of one run: claimed exclusively, its metrics log crash-safe, its config kept to compare a resume.
+
+- :func:`claimed` creates the workdir (and missing parents), takes an exclusive lock on it (``.lock``: a second
+  run on it is refused in one line; the lock of a process that died is released by the kernel and the file
+  left behind is taken over), refuses to resume a run whose result-changing config fields differ from the saved
+  ``config.json`` (:func:`config_changes`), and removes what it created if the run fails before writing any file.
+- :class:`MetricsLog`: ``metrics.jsonl``, one JSON record per epoch, appended and fsynced record by record; on
+  resume a line cut by a crash is dropped and every record up to the restored step that the log lost is put back
+  from the copy kept in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import pathlib
+import shutil
+import socket
+import tempfile
+import time
+from typing import Any, Callable, Iterator
+
+from demkd_jax import interrupts
+from demkd_jax.config import ConfigError
+
+LOCK_NAME = ".lock"
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.jsonl"
+# Set it to resume a workdir whose saved config differs in result-changing fields.
+ALLOW_CONFIG_CHANGE = "checkpoint.allow_config_change"
+# Config fields that a resumed run may change without changing what it computes (prefix matches a section).
+RESULT_NEUTRAL = ("num_epochs", "progress_bar", "log_every_steps", "eval_batch_size", "on_nonfinite",
+                  "distributed", "data.cache_dir", "checkpoint.")
+
+
+class WorkdirError(ConfigError):
+    """The workdir cannot be used for this run (locked by another run, or holding a run of another config)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Lock
+
+
+class WorkdirLock:
+    """An exclusive ``flock`` on ``<workdir>/.lock`` holding the owner's pid, host and start time."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.workdir = pathlib.Path(workdir)
+        self.path = self.workdir / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self, log: Callable[[str], Any] = print) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_owner(fd)
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise WorkdirError(f"cannot lock workdir {str(self.workdir)!r} ({os.strerror(e.errno)})") from None
+                raise WorkdirError(f"workdir {str(self.workdir)!r} is in use by another run ({_describe(holder)}); "
+                                   "wait for it to end, or use another --workdir") from None
+            # The previous holder unlinks the file when it releases it: the lock must be on the file still there.
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        stale = _read_owner(fd)
+        if stale:
+            log(f"took over the stale lock of a run that is gone ({_describe(stale)}) in {self.workdir}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_owner(fd: int) -> dict:
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _describe(owner: dict) -> str:
+    if not owner:
+        return "owner unknown"
+    return f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config of a resumed run
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _config_json(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def _is_neutral(key: str) -> bool:
+    return any(key == n or (n.endswith(".") and key.startswith(n)) for n in RESULT_NEUTRAL)
+
+
+def config_changes(saved: dict, config) -> list[str]:
+    """``key: old -> new`` for each result-changing field of ``config`` that differs from ``saved``."""
+    old, new = _flatten(saved), _flatten(_config_json(config))
+    missing = "(absent)"
+    return [f"{k}: {json.dumps(old.get(k, missing))} -> {json.dumps(new.get(k, missing))}"
+            for k in sorted(set(old) | set(new))
+            if not _is_neutral(k) and old.get(k, missing) != new.get(k, missing)]
+
+
+def _has_checkpoints(workdir: pathlib.Path) -> bool:
+    checkpoints = workdir / "checkpoints"
+    return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+
+
+def check_resume_config(workdir: pathlib.Path, config, log: Callable[[str], Any] = print) -> None:
+    """Refuses to resume the run in ``workdir`` with a config whose result-changing fields differ from its
+    ``config.json``, naming them (``config.checkpoint.allow_config_change=True`` resumes anyway)."""
+    path = workdir / CONFIG_NAME
+    if not (_has_checkpoints(workdir) and path.is_file()):
+        return
+    allow = bool(config.checkpoint.get("allow_config_change", False))
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if allow:
+            log(f"{path} is unreadable ({type(e).__name__}); resuming without comparing configs ({ALLOW_CONFIG_CHANGE})")
+            return
+        raise WorkdirError(f"{str(path)!r} (the config of the run to resume) is unreadable ({type(e).__name__}: "
+                           f"{e}); restore it, or set --config.{ALLOW_CONFIG_CHANGE}=True to resume anyway") from None
+    changes = config_changes(saved if isinstance(saved, dict) else {}, config)
+    if not changes:
+        return
+    listed = "; ".join(changes[:8]) + ("; ..." if len(changes) > 8 else "")
+    if not allow:
+        raise WorkdirError(f"workdir {str(workdir)!r} holds a run with another config ({listed}); resuming it would "
+                           f"mix the two: use another --workdir, or set --config.{ALLOW_CONFIG_CHANGE}=True to resume "
+                           "it with the new values")
+    log(f"resuming {workdir} with a changed config ({listed}) ({ALLOW_CONFIG_CHANGE})")
+
+
+def record_config(workdir: pathlib.Path, config, step: int) -> None:
+    """Writes ``config.json`` (atomically). On a resume at ``step`` whose result-changing fields were changed
+    (:func:`check_resume_config` allowed it), the one already there is kept as ``config.step<N>.json``."""
+    path = workdir / CONFIG_NAME
+    with interrupts.critical():
+        if step > 0 and path.is_file() and config_changes(_read_json_or_empty(path), config):
+            os.replace(path, workdir / f"config.step{step}.json")
+        _write_text_atomic(path, config.to_json_best_effort(indent=2))
+
+
+def _read_json_or_empty(path: pathlib.Path) -> dict:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _write_text_atomic(path: pathlib.Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Claiming the workdir for a run
+
+
+def _first_missing(path: pathlib.Path) -> pathlib.Path | None:
+    """The outermost directory of ``path`` that does not exist yet (what ``mkdir -p`` creates), or None."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _holds_no_file(root: pathlib.Path) -> bool:
+    return all(p.is_dir() or p.name == LOCK_NAME for p in root.rglob("*"))
+
+
+@contextlib.contextmanager
+def claimed(workdir: pathlib.Path, config, *, lock: bool = True,
+            log: Callable[[str], Any] = print) -> Iterator[pathlib.Path]:
+    """The run's workdir, created and locked for the block (``lock=False``: another process of the run holds
+    it) and checked against the config of the run it holds. If the block fails and wrote no file, the
+    directories it created are removed again."""
+    workdir = pathlib.Path(workdir).absolute()
+    created = _first_missing(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    held = WorkdirLock(workdir) if lock else None
+    try:
+        if held is not None:
+            held.acquire(log)
+        check_resume_config(workdir, config, log)
+        yield workdir
+    except BaseException:
+        if held is not None:
+            held.release()
+            held = None
+        if created is not None and created.is_dir() and _holds_no_file(created):
+            shutil.rmtree(created)
+        raise
+    finally:
+        if held is not None:
+            held.release()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+class MetricsLog:
+    """``metrics.jsonl`` in the workdir: one JSON object per epoch, keyed by its ``step``.
+
+    ``writable=False`` (every process but process 0 of a multi-host run) reads but never writes.
+    """
+
+    def __init__(self, workdir: pathlib.Path, writable: bool = True):
+        self.path = pathlib.Path(workdir) / METRICS_NAME
+        self.writable = writable
+
+    def read(self) -> list[dict]:
+        """The records in the file; a line cut by a crash (or otherwise unreadable) is skipped."""
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+        return records
+
+    def resume(self, step: int, saved: list[dict] = (), log: Callable[[str], Any] = print) -> list[dict]:
+        """On resume at ``step`` (0: a fresh start): the records up to it, from the file and, for any the file
+        lost, from ``saved`` (the copy kept in the checkpoint); the file is rewritten atomically to hold them."""
+        by_step: dict[int, dict] = {}
+        for rec in self.read():
+            if isinstance(rec.get("step"), int) and rec["step"] <= step:
+                by_step.setdefault(rec["step"], rec)
+        lost = [r for r in saved if isinstance(r.get("step"), int) and r["step"] <= step and r["step"] not in by_step]
+        for rec in lost:
+            by_step[rec["step"]] = rec
+        kept = [by_step[s] for s in sorted(by_step)]
+        if lost:
+            log(f"{self.path} had lost the records of epoch(s) {', '.join(str(r.get('epoch')) for r in lost)}; "
+                "restored them from the checkpoint")
+        if self.writable:
+            with interrupts.critical():
+                _write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    def write(self, record: dict) -> None:
+        """Appends one record and syncs it to disk before returning (a completed epoch's record survives a crash)."""
+        if not self.writable:
+            return
+        with interrupts.critical(), self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
