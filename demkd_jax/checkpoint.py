@@ -213,7 +213,7 @@ def _compare_stored_teacher_tree(abstract: Any, stored_tree: Any, where: str) ->
     fits is a damaged index (``teacher.json`` is written last, after all arrays), not another architecture."""
     try:
         compare_trees(abstract, stored_tree, where)
-    except CheckpointError as e:
+    except CheckpointError:
         expected, stored = _tree_paths(abstract), _tree_paths(stored_tree)
         fits = set(stored) <= set(expected) and all(
             tuple(expected[k].shape) == tuple(v.shape) for k, v in stored.items())

@@ -1,31 +1,17 @@
-"""Configuration: the base ``ml_collections.ConfigDict`` every ``configs/*.py`` starts from, and validation.
+"""Configuration: the base ``ml_collections.ConfigDict`` every ``configs/*.py`` starts from, with its fields.
 
 Defaults follow docs/method.md §3 (the CRD/CA-MKD CIFAR-100 recipe). ``None`` (``distill.ce_weight``,
 ``distill.kd_weight``, ``optim.nesterov``) and ``-1`` (``distill.warmup_epochs``) mean the method's own value
-from the table in :mod:`demkd_jax.methods`.
-:func:`validate` checks a config before any data loading or compilation and raises :class:`ConfigError`
-naming the bad value and what was expected; with the teachers' ``teacher.json`` files (architecture, class count)
-it reads nothing else. :func:`validate_data` checks what needs the loaded data (batch size against the training
-set, the teachers' class count), still before anything is compiled or written into the workdir.
+from the table in :mod:`demkd_jax.methods`. This module imports nothing else of the package; the checks of a
+config live in :mod:`demkd_jax.validation`.
 """
 
 from __future__ import annotations
 
-import math
-import os
 
-import jax
 import ml_collections
 from ml_collections import config_dict
 
-from demkd_jax import checkpoint as ckpt_lib
-from demkd_jax import data as data_lib
-from demkd_jax import losses
-from demkd_jax import methods
-from demkd_jax import models
-from demkd_jax import parallel
-
-METHODS = methods.METHOD_NAMES
 WEIGHT_SCHEMES = ("camkd", "softmax", "ebkd", "uniform")
 DATA_ORDERS = ("auto", "shared", "per_replica")
 EXECUTIONS = ("auto", "vmap", "loop")
@@ -55,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     # for a teacher ensemble, shared otherwise: students share the teachers' forward, so they share the batch).
     c.data_order = "auto"
 
-    c.data = data_lib.default_data_config()
+    c.data = default_data_config()
 
     # winograd: "on" computes the 3x3 convolutions where it pays (models/winograd.py: many channels, small maps)
     # as Winograd F(2x2, 3x3) (same parameters, equal up to float rounding), "off" never, "auto" on the CPU
@@ -120,7 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.allow_config_change = False
 
     # Data parallelism (demkd_jax/parallel.py): the "data" mesh axis and where the on-device dataset lives.
-    c.mesh = parallel.default_mesh_config()
+    c.mesh = default_mesh_config()
     # jax.distributed.initialize(): "auto" (when launched as several processes: TPU pod, SLURM, MPI,
     # JAX_COORDINATOR_ADDRESS), "on" or "off".
     c.distributed = "auto"
@@ -129,18 +115,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.on_nonfinite = "stop"  # "stop": halt before anything non-finite is saved; "skip": drop the step
     c.progress_bar = True
     return c
-
-
-def _fail(msg: str) -> None:
-    raise ConfigError(msg)
-
-
-def warmup_epochs(config) -> int:
-    return methods.resolve(config).warmup_epochs
-
-
-def uses_features(config) -> bool:
-    return methods.resolve(config).feature_term != "none"
 
 
 def is_teacher_ensemble(config) -> bool:
@@ -162,164 +136,83 @@ def data_order(config) -> str:
     return "per_replica" if is_teacher_ensemble(config) else "shared"
 
 
-def validate(config, *, workdir: str | None = None) -> None:
-    """Checks everything that can be checked without touching data or compiling."""
-    d, o = config.distill, config.optim
-    if d.method not in METHODS:
-        _fail(f"unknown method {d.method!r} (config.distill.method); expected one of {', '.join(METHODS)}")
-    method = methods.get(d.method)
-    if d.teacher_reduction not in losses.TEACHER_REDUCTIONS:
-        _fail(f"unknown config.distill.teacher_reduction {d.teacher_reduction!r}; expected one of "
-              f"{', '.join(losses.TEACHER_REDUCTIONS)}")
-    if config.data_order not in DATA_ORDERS:
-        _fail(f"unknown config.data_order {config.data_order!r}; expected one of {', '.join(DATA_ORDERS)}")
-    for name in ("ce_weight", "kd_weight"):
-        if d[name] is not None and not (_is_number(d[name]) and math.isfinite(d[name]) and d[name] >= 0):
-            _fail(f"config.distill.{name} must be a number >= 0 (or None for the method's default), got {d[name]!r}")
-    if not (_is_int(d.feature_warmup_epochs) and d.feature_warmup_epochs >= 0):
-        _fail(f"config.distill.feature_warmup_epochs must be an integer >= 0, got {d.feature_warmup_epochs!r}")
-    if d.weights not in WEIGHT_SCHEMES:
-        _fail(f"unknown weighting scheme {d.weights!r} (config.distill.weights); expected one of "
-              f"{', '.join(WEIGHT_SCHEMES)}")
-    for key in ("execution",):
-        if config[key] not in EXECUTIONS:
-            _fail(f"unknown config.{key} {config[key]!r}; expected one of {', '.join(EXECUTIONS)}")
-    if config.teachers.execution not in EXECUTIONS:
-        _fail(f"unknown config.teachers.execution {config.teachers.execution!r}; expected one of "
-              f"{', '.join(EXECUTIONS)}")
-    for key, value in (("student.winograd", config.student.winograd), ("teachers.winograd", config.teachers.winograd)):
-        if value not in WINOGRAD_MODES:
-            _fail(f"unknown config.{key} {value!r}; expected one of {', '.join(WINOGRAD_MODES)}")
-    if config.dtype not in DTYPES:
-        _fail(f"unknown dtype {config.dtype!r} (config.dtype); expected one of {', '.join(DTYPES)}")
-    if config.on_nonfinite not in NONFINITE_POLICIES:
-        _fail(f"unknown config.on_nonfinite {config.on_nonfinite!r}; expected one of {', '.join(NONFINITE_POLICIES)}")
-    if config.student.model not in models.MODEL_NAMES:
-        _fail(f"unknown model name {config.student.model!r} (config.student.model); expected one of: "
-              f"{', '.join(models.MODEL_NAMES)}")
-    if config.teachers.model and config.teachers.model not in models.MODEL_NAMES:
-        _fail(f"unknown model name {config.teachers.model!r} (config.teachers.model); expected one of: "
-              f"{', '.join(models.MODEL_NAMES)}")
-    for name, value in (("optim.learning_rate", o.learning_rate), ("student.width", config.student.width)):
-        if not (_is_number(value) and math.isfinite(value) and value > 0):
-            _fail(f"config.{name} must be a positive number, got {value!r}")
-    for name, value in (("num_epochs", config.num_epochs), ("batch_size", config.batch_size),
-                        ("eval_batch_size", config.eval_batch_size), ("num_seeds", config.num_seeds),
-                        ("log_every_steps", config.log_every_steps),
-                        ("checkpoint.every_epochs", config.checkpoint.every_epochs),
-                        ("checkpoint.keep_last", config.checkpoint.keep_last)):
-        if not (_is_int(value) and value > 0):
-            _fail(f"config.{name} must be a positive integer, got {value!r}")
-    if not (_is_number(o.weight_decay) and math.isfinite(o.weight_decay) and o.weight_decay >= 0):
-        _fail(f"config.optim.weight_decay must be >= 0, got {o.weight_decay!r}")
-    if not (_is_number(o.momentum) and 0 <= o.momentum < 1):
-        _fail(f"config.optim.momentum must be in [0, 1), got {o.momentum!r}")
-    if not (_is_number(o.lr_decay_rate) and math.isfinite(o.lr_decay_rate) and o.lr_decay_rate > 0):
-        _fail(f"config.optim.lr_decay_rate must be a positive number, got {o.lr_decay_rate!r}")
-    bad_epochs = [e for e in o.lr_decay_epochs if not (_is_int(e) and e >= 0)]
-    if bad_epochs:
-        _fail(f"config.optim.lr_decay_epochs must be integer epochs >= 0, got {tuple(o.lr_decay_epochs)!r}")
-    for name in ("temperature", "weight_temperature", "weight_tau"):
-        if not d[name] > 0:
-            _fail(f"config.distill.{name} must be > 0, got {d[name]!r}")
-    if config.ensemble_size < 0:
-        _fail(f"config.ensemble_size must be >= 0, got {config.ensemble_size}")
-    if config.ensemble_size > 0 and method.teachers != "none":
-        _fail(f"config.ensemble_size={config.ensemble_size} trains teachers and needs method 'ce', got {d.method!r}; "
-              "use config.num_seeds for several students")
-    if config.ensemble_size > 1 and config.num_seeds > 1:
-        _fail("set either config.ensemble_size (teachers) or config.num_seeds (students), not both")
-    if config.data_order == "per_replica" and method.teachers != "none":
-        _fail(f"config.data_order='per_replica' with method {d.method!r}: distilled students share the teachers' "
-              "forward and so one batch; use 'shared' (or 'auto')")
+def default_data_config() -> ml_collections.ConfigDict:
+    """The fields of ``config.data``, with their defaults.
 
-    if method.teachers != "none":
-        ckpts = tuple(config.teachers.checkpoints)
-        k = len(ckpts) if ckpts else config.teachers.num
-        if not ckpts and not config.teachers.model:
-            _fail(f"method {d.method!r} needs teachers: set config.teachers.checkpoints to teacher directories, "
-                  "or config.teachers.model (and teachers.num) to train them first")
-        if method.teachers == "one" and k != 1:
-            _fail(f"method {d.method!r} distils from exactly 1 teacher, got {k}; use 'aver' (KD) or 'demkd' "
-                  "(DKD) for several")
-        divides = {"confidence": "CA-MKD's weights", "ebkd": "the 'ebkd' weights"}.get(method.weighting)
-        if method.weighting == "entropy" and d.weights in ("camkd", "ebkd"):
-            divides = f"the {d.weights!r} weights"
-        if method.teachers == "many" and k < 2 and divides:
-            _fail(f"method {d.method!r} with {k} teacher: {divides} divide by K - 1, so K must be >= 2")
-        if k < 1:
-            _fail(f"config.teachers.num must be >= 1, got {k}")
-        for path in ckpts:
-            if os.path.exists(path) and not os.path.isdir(path):
-                _fail(f"teacher checkpoint {path!r} is a file, expected a teacher checkpoint directory "
-                      "(config.teachers.checkpoints)")
-            if not os.path.isdir(path):
-                _fail(f"teacher checkpoint directory {path!r} does not exist (config.teachers.checkpoints)")
-        # Architecture, class count and agreement of the teachers, from their teacher.json files alone.
-        metas = ckpt_lib.check_teacher_dirs(ckpts, model_name=config.teachers.model or None)
-        teacher_model = metas[0]["model"] if metas else config.teachers.model
-        teacher_width = float(metas[0].get("width", 1.0)) if metas else float(config.teachers.width)
-        if method.feature_term == "hint":
-            if not _is_int(d.hint_layer):
-                _fail(f"config.distill.hint_layer must be an integer feature index, got {d.hint_layer!r}")
-            for who, name, width in (("student", config.student.model, config.student.width),
-                                     ("teacher", teacher_model, teacher_width)):
-                check_feature_index(d.hint_layer, who, name, num_feature_maps(name, width))
-
-    problem = parallel.config_problem(config)  # config.mesh, config.distributed, batch sizes vs devices
-    if problem:
-        _fail(problem)
-
-    if workdir is not None:
-        _check_writable(workdir)
+    - ``source`` ("tfds"): one of ``tfds``, ``pickle``, ``folder``, ``npz``, ``digits`` (see
+      :mod:`demkd_jax.data.sources`).
+    - ``name`` ("cifar100"): for ``tfds`` the tfds dataset name; for ``pickle`` the archive's dataset
+      (``cifar10`` or ``cifar100``, checked against its layout); for ``folder``/``npz`` a free label. With
+      ``normalization="auto"`` the names ``cifar10``/``cifar100`` select the published statistics.
+      ``digits`` ignores it (its name is always ``digits``).
+    - ``path`` (""): the local input of ``pickle`` (archive, extracted directory, or a directory holding
+      one), ``folder`` (directory tree or tar archive) and ``npz`` (directory). Relative paths are taken
+      from the current directory.
+    - ``num_classes`` (100): the class count the data must have (labels in ``[0, num_classes)``);
+      ``-1`` takes it from the data.
+    - ``image_size`` (32): the required image height = width (images are never resized; ``-1``
+      accepts any size); for ``digits`` the size the 8x8 images are upsampled to (a multiple of 8).
+    - ``cache_dir`` (""): where decoded datasets are cached as ``.npz``; ``""`` means
+      ``$DEMKD_CACHE_DIR``, else ``$XDG_CACHE_HOME/demkd_jax``, else ``~/.cache/demkd_jax``.
+    - ``use_cache`` (True): read and write that cache.
+    - ``tfds_data_dir`` (""): tensorflow-datasets ``data_dir``; ``""`` means tfds's default
+      (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+    - ``download`` (True): when source ``tfds`` has no prepared copy of ``cifar100``/``cifar10`` (preparing
+      one needs TensorFlow), read the official python-pickle archive (``cifar-100-python.tar.gz``,
+      ``cifar-10-python.tar.gz``) from the cache directory instead, downloading it there first when it is
+      absent (once; MD5-verified; an interrupted download resumes). ``False``: never download; an archive
+      already in the cache directory is still used, else the unprepared tfds dataset is an error.
+    - ``download_url`` (""), ``download_md5`` (""): where that archive is fetched from and its MD5; ``""``
+      means the official address and published checksum.
+    - ``normalization`` ("auto"): ``auto`` uses the published mean/std for ``cifar100`` (docs/method.md §3)
+      and ``cifar10``, and statistics computed from the train split otherwise; ``computed`` always computes.
+    - ``num_workers`` (0): image-decoding worker processes for ``folder`` (``0``: decode in this process;
+      ``-1``: one per available CPU, at most 8). Workers are spawned, so a script that sets it must keep
+      its main code under ``if __name__ == "__main__":``. Only the first load decodes (then the cache
+      serves); on a busy 2-core machine 2 workers were slower than none.
+    - ``downsample`` (1): ``f > 1`` mean-pools every image over ``f x f`` blocks on load (after the cache, which
+      keeps the source's pixels), rounding to the nearest pixel level (halves to even): ``downsample=2`` turns
+      32x32 CIFAR into 16x16, a cheaper proxy. ``image_size`` still names the source's size, and the
+      statistics are computed from the pooled train split (``normalization="auto"`` selects the published
+      values only for the source's own resolution: pooling lowers the std).
+    - ``crop_padding`` (4), ``random_flip`` (True): the training augmentation, read by the trainer and
+      passed to :func:`demkd_jax.data.augment` (random crop with this much zero padding, horizontal flip).
+    - ``digits_test_fraction`` (0.2), ``digits_seed`` (0): the fixed stratified split of ``digits``.
+    """
+    c = ml_collections.ConfigDict()
+    c.source = "tfds"
+    c.name = "cifar100"
+    c.path = ""
+    c.num_classes = 100
+    c.image_size = 32
+    c.cache_dir = ""
+    c.use_cache = True
+    c.tfds_data_dir = ""
+    c.download = True
+    c.download_url = ""
+    c.download_md5 = ""
+    c.normalization = "auto"
+    c.num_workers = 0
+    c.downsample = 1
+    c.crop_padding = 4
+    c.random_flip = True
+    c.digits_test_fraction = 0.2
+    c.digits_seed = 0
+    return c
 
 
-def validate_data(config, ds: data_lib.Dataset) -> None:
-    """The checks that need the loaded dataset; still before any compilation or write into the workdir."""
-    n_train = ds.num_train
-    if config.batch_size > n_train:
-        _fail(f"config.batch_size={config.batch_size} is larger than the training set ({n_train} images of "
-              f"{ds.name}); expected at most {n_train}")
-    if methods.get(config.distill.method).teachers != "none" and config.teachers.checkpoints:
-        ckpt_lib.check_teacher_dirs(tuple(config.teachers.checkpoints), num_classes=ds.num_classes)
+def default_mesh_config() -> ml_collections.ConfigDict:
+    """The fields of ``config.mesh``, with their defaults.
 
-
-def check_feature_index(index: int, who: str, model_name: str, n_maps: int) -> None:
-    """``index`` must pick one of the ``n_maps`` feature maps (the pooled vector, index -1, is not a map)."""
-    if not (0 <= index < n_maps or -n_maps - 1 <= index <= -2):
-        _fail(f"config.distill.hint_layer={index} is out of range for the {who} {model_name!r}: it has "
-              f"{n_maps} feature maps, expected an index in 0..{n_maps - 1} (or {-n_maps - 1}..-2)")
-
-
-def num_feature_maps(model_name: str, width: float = 1.0) -> int:
-    """How many feature maps ``model_name`` returns before its pooled vector (traced, not compiled)."""
-    model = models.create_model(model_name, 10, width=width)
-    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jax.numpy.float32)
-    feats = jax.eval_shape(
-        lambda x: model.apply(model.init(jax.random.PRNGKey(0), x, train=False), x, train=False)[1], x)
-    return len(feats) - 1
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_writable(workdir: str) -> None:
-    if not str(workdir).strip():  # os.path.abspath("") is the current directory
-        _fail(f"workdir {workdir!r} is empty; expected a directory for the run's checkpoints, metrics and summary "
-              "(e.g. --workdir=runs/vgg8)")
-    path = os.path.abspath(workdir)
-    probe = path
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if os.path.exists(path) and not os.path.isdir(path):
-        _fail(f"workdir {workdir!r} exists and is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        _fail(f"workdir {workdir!r} is not writable ({probe!r} denies write access)")
+    - ``num_devices`` (-1): the size of the ``data`` axis. ``-1`` uses every device of every process;
+      ``n > 0`` the first ``n`` devices of this process (single-process runs only); ``1`` runs on one device.
+      The global batch (``config.batch_size``) and ``config.eval_batch_size`` must be multiples of it; each
+      device computes ``batch_size / n`` examples of every step.
+    - ``dataset`` ("replicated"): where the on-device training and test splits live: ``"replicated"`` (a copy
+      on every device, no communication to form a batch) or ``"sharded"`` (1/n of the rows per device; the
+      batch is gathered with one all-reduce). Both give the same batches, so the same run.
+    """
+    c = ml_collections.ConfigDict()
+    c.num_devices = -1
+    c.dataset = "replicated"
+    return c

@@ -46,9 +46,10 @@ import os
 from typing import Any, Callable
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from demkd_jax.config import default_mesh_config
 
 DATA_AXIS = "data"
 DISTRIBUTED_MODES = ("auto", "on", "off")
@@ -81,23 +82,6 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
-
-
-def default_mesh_config() -> ml_collections.ConfigDict:
-    """The fields of ``config.mesh``, with their defaults.
-
-    - ``num_devices`` (-1): the size of the ``data`` axis. ``-1`` uses every device of every process;
-      ``n > 0`` the first ``n`` devices of this process (single-process runs only); ``1`` runs on one device.
-      The global batch (``config.batch_size``) and ``config.eval_batch_size`` must be multiples of it; each
-      device computes ``batch_size / n`` examples of every step.
-    - ``dataset`` ("replicated"): where the on-device training and test splits live: ``"replicated"`` (a copy
-      on every device, no communication to form a batch) or ``"sharded"`` (1/n of the rows per device; the
-      batch is gathered with one all-reduce). Both give the same batches, so the same run.
-    """
-    c = ml_collections.ConfigDict()
-    c.num_devices = -1
-    c.dataset = "replicated"
-    return c
 
 
 def _int_env(name: str) -> int:

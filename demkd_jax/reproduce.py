@@ -51,6 +51,7 @@ from demkd_jax import interrupts
 from demkd_jax import methods
 from demkd_jax import stats
 from demkd_jax import train
+from demkd_jax import validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,7 +264,7 @@ def student_config(p: ml_collections.ConfigDict, args, name: str, data_seed: int
         _set(c, key, value, f"protocol {p.name!r} students")
     for key, value in variant.overrides:
         _set(c, key, value, f"method {name!r} ({variant.label})")
-    if s.warmup_epochs >= 0 and config_lib.warmup_epochs(c) > 0:  # only methods that have a warm-up
+    if s.warmup_epochs >= 0 and methods.resolve(c).warmup_epochs > 0:  # only methods that have a warm-up
         c.distill.warmup_epochs = s.warmup_epochs
     if variant.method == "ce":
         c.teachers.checkpoints = ()
@@ -280,7 +281,7 @@ def _validate_student(p, args, name: str, placeholder: list[str]) -> None:
     cfg.teachers.num = len(cfg.teachers.checkpoints)
     cfg.teachers.checkpoints = ()  # the teacher dirs do not exist yet
     try:
-        config_lib.validate(cfg)
+        validation.validate(cfg)
     except config_lib.ConfigError as e:
         raise config_lib.ConfigError(f"method {name!r} ({VARIANTS[name].label}): {e}") from e
 
@@ -318,7 +319,7 @@ def run(p: ml_collections.ConfigDict, args) -> dict[str, Any]:
     names = selected_methods(p, args.methods)
     # Every piece's config is validated before any work (and before the workdir is created).
     teacher_cfg = teacher_run_config(p, args)
-    config_lib.validate(teacher_cfg, workdir=str(root))
+    validation.validate(teacher_cfg, workdir=str(root))
     t_dir = root / "teachers"
     placeholder = [str(t_dir / f"teacher_{k}") for k in range(p.teachers.num)]
     for name in names:

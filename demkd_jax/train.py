@@ -38,6 +38,7 @@ from demkd_jax import losses
 from demkd_jax import methods
 from demkd_jax import models
 from demkd_jax import parallel
+from demkd_jax import validation
 from demkd_jax import workdir as workdir_lib
 
 Params = Any
@@ -511,7 +512,7 @@ def train_teachers(config: ml_collections.ConfigDict, workdir: pathlib.Path, ds:
 
     Resumable like any run; returns its summary (with ``teacher_dirs``).
     """
-    config_lib.validate(config, workdir=str(workdir))
+    validation.validate(config, workdir=str(workdir))
     summary, state = fit(config, workdir, ds, None)
     summary["teacher_dirs"] = [str(d) for d in export_teachers(config, workdir, ds, state, summary)]
     if parallel.is_primary():
@@ -589,7 +590,7 @@ def build_setup(config, ds, teachers: Teachers | None) -> Setup:
         t_feats = _feature_shapes(teacher, jax.tree_util.tree_map(lambda a: a[0], teachers.variables), image_shape)
         for who, name, feats in (("student", config.student.model, s_feats),
                                  ("teacher", teachers.model_name, t_feats)):
-            config_lib.check_feature_index(feature_index, who, name, len(feats) - 1)
+            validation.check_feature_index(feature_index, who, name, len(feats) - 1)
         t_shape = t_feats[feature_index].shape
         connector = models.StackedConnector(num_teachers=num_teachers, out_channels=t_shape[-1],
                                             out_size=(t_shape[1], t_shape[2]), dtype=dtype)
@@ -666,12 +667,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     parallel.initialize_distributed(config.distributed)  # before anything touches a device
     # Every check that can fail on a bad input runs before anything is compiled or written into the workdir.
-    config_lib.validate(config, workdir=workdir)
+    validation.validate(config, workdir=workdir)
     workdir = pathlib.Path(workdir).absolute()
     log = parallel.primary_only(print)
     with workdir_lib.claimed(workdir, config, lock=parallel.is_primary(), log=log):
         ds = data_lib.load_dataset(config.data)
-        config_lib.validate_data(config, ds)
+        validation.validate_data(config, ds)
         if config_lib.is_teacher_ensemble(config):
             return train_teachers(config, workdir, ds)
         teachers = prepare_teachers(config, workdir, ds, log)

@@ -34,7 +34,7 @@ jax.monitoring.register_event_duration_secs_listener(_on_event)
 
 from demkd_jax import checkpoint as ckpt_lib  # noqa: E402
 from demkd_jax import config as config_lib  # noqa: E402
-from demkd_jax import parallel, train  # noqa: E402
+from demkd_jax import parallel, train, validation  # noqa: E402
 
 
 def make_config(overrides: dict):
@@ -191,7 +191,7 @@ def main(spec_path: str, out_dir: str) -> None:
     errors = {}
     for name, overrides in spec.get("invalid", {}).items():
         try:
-            config_lib.validate(make_config({**spec["config"], **overrides}))
+            validation.validate(make_config({**spec["config"], **overrides}))
             errors[name] = None
         except config_lib.ConfigError as e:
             errors[name] = str(e)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import pathlib
 import socket
 import subprocess
 import sys

@@ -31,7 +31,7 @@ from conftest import TINY_CLASSES, TINY_OVERRIDES, apply_overrides, repo_env, wr
 from demkd_jax import checkpoint as ckpt_lib
 from demkd_jax import config as config_lib
 from demkd_jax import data as data_lib
-from demkd_jax import models, train
+from demkd_jax import models, train, validation
 
 # Reading a corrupted checkpoint leaves tensorstore futures whose (expected, already reported) error nobody
 # retrieves; pytest would report them as unraisable-exception warnings.
@@ -294,7 +294,7 @@ BAD_INPUTS = [
     BadInput("unknown_method", lambda ctx: {"distill.method": "dkdd"},
              ("unknown method 'dkdd'", "expected one of", "demkd")),
     BadInput("unknown_weighting_scheme", lambda ctx: _demkd(ctx, **{"distill.weights": "entropy"}),
-             ("unknown weighting scheme 'entropy'", "expected one of", "camkd")),
+             ("unknown config.distill.weights 'entropy'", "expected one of", "camkd")),
     BadInput("teacher_of_another_architecture", lambda ctx: _demkd(ctx, **{"teachers.model": "resnet14"}),
              ("holds a 'resnet8'", "expects 'resnet14'")),
     BadInput("teacher_classes_differ_from_data",
@@ -351,7 +351,7 @@ BAD_INPUTS = [
              ("config.optim.weight_decay must be >= 0, got -0.0005",)),
     BadInput("momentum_of_one", lambda ctx: {"optim.momentum": 1.0},
              ("config.optim.momentum must be in [0, 1), got 1.0",)),
-    BadInput("unknown_dtype", lambda ctx: {"dtype": "float8"}, ("unknown dtype 'float8'", "expected one of")),
+    BadInput("unknown_dtype", lambda ctx: {"dtype": "float8"}, ("unknown config.dtype 'float8'", "expected one of")),
     BadInput("unknown_nonfinite_policy", lambda ctx: {"on_nonfinite": "ignore"},
              ("unknown config.on_nonfinite 'ignore'", "expected one of stop, skip")),
     BadInput("unknown_winograd_mode", lambda ctx: {"teachers.winograd": "yes"},
@@ -416,7 +416,7 @@ def test_unwritable_workdir_message_where_chmod_does_not_apply(make_config, tmp_
     locked.mkdir()
     monkeypatch.setattr(config_lib.os, "access", lambda path, mode: not str(path).startswith(str(locked)))
     with pytest.raises(config_lib.ConfigError) as err:
-        config_lib.validate(make_config(), workdir=str(locked / "run"))
+        validation.validate(make_config(), workdir=str(locked / "run"))
     assert str(err.value) == f"workdir {str(locked / 'run')!r} is not writable ({str(locked)!r} denies write access)"
 
 

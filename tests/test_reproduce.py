@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from demkd_jax import config as config_lib
-from demkd_jax import reproduce
+from demkd_jax import methods, reproduce
 from conftest import REPO_ROOT as REPO, TINY_CLASSES as NUM_CLASSES
 
 TINY_PROTOCOL = '''
@@ -137,4 +137,4 @@ def test_pair_warmup_scales_to_a_real_warmup():
     assert tuple(demkd.optim.lr_decay_epochs) == (1, 2, 2)
     assert reproduce.scaled_warmup(20, 120) == 10 and reproduce.scaled_warmup(20, 15) == 2
     unscaled = reproduce.pair_protocol(reproduce.parse_args(argv[:-1]))
-    assert config_lib.warmup_epochs(reproduce.student_config(unscaled, args, "demkd", 0, dirs)) == 20
+    assert methods.resolve(reproduce.student_config(unscaled, args, "demkd", 0, dirs)).warmup_epochs == 20

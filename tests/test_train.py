@@ -14,6 +14,7 @@ from demkd_jax import checkpoint as ckpt_lib
 from demkd_jax import config as config_lib
 from demkd_jax import data as data_lib
 from demkd_jax import methods, models, train
+from demkd_jax import validation
 from conftest import TINY_CLASSES as NUM_CLASSES
 from conftest import TINY_OVERRIDES, apply_overrides, repo_env
 
@@ -69,7 +70,7 @@ def build(config, workdir=None):
     return ds, teachers, setup
 
 
-@pytest.mark.parametrize("method", config_lib.METHODS)
+@pytest.mark.parametrize("method", methods.METHOD_NAMES)
 def test_one_step_of_every_method(method, teacher_run, data_dir, cache_dir):
     dirs = teacher_run[1]["teacher_dirs"]
     single = methods.get(method).teachers == "one"
@@ -77,7 +78,7 @@ def test_one_step_of_every_method(method, teacher_run, data_dir, cache_dir):
     if method == "fitnet_mkd":
         overrides["distill.hint_layer"] = 1
     config = tiny_config(data_dir, cache_dir, **overrides)
-    config_lib.validate(config)
+    validation.validate(config)
     ds, teachers, setup = build(config)
     state = jax.jit(lambda: train.init_state(setup, jax.random.PRNGKey(0)))()
     teacher_vars = None if teachers is None else jax.device_put(teachers.variables)
@@ -193,11 +194,11 @@ def test_resume_continues_exactly(teacher_run, data_dir, cache_dir, tmp_path, de
 def test_config_errors_name_the_problem(data_dir, cache_dir, teacher_run):
     dirs = tuple(teacher_run[1]["teacher_dirs"])
     with pytest.raises(config_lib.ConfigError, match="method 'kd' distils from exactly 1 teacher, got 2"):
-        config_lib.validate(tiny_config(data_dir, cache_dir, **{"distill.method": "kd", "teachers.checkpoints": dirs}))
+        validation.validate(tiny_config(data_dir, cache_dir, **{"distill.method": "kd", "teachers.checkpoints": dirs}))
     with pytest.raises(config_lib.ConfigError, match="K must be >= 2"):
-        config_lib.validate(tiny_config(data_dir, cache_dir, **{"teachers.checkpoints": dirs[:1]}))
+        validation.validate(tiny_config(data_dir, cache_dir, **{"teachers.checkpoints": dirs[:1]}))
     with pytest.raises(config_lib.ConfigError, match="unknown method 'dkdd'"):
-        config_lib.validate(tiny_config(data_dir, cache_dir, **{"distill.method": "dkdd"}))
+        validation.validate(tiny_config(data_dir, cache_dir, **{"distill.method": "dkdd"}))
 
 
 def test_cli_runs_the_demo_pipeline(tmp_path):
@@ -349,7 +350,7 @@ def test_teacher_ensembles_get_independent_data_orders_students_share_one(data_d
     ens.data_order = "shared"
     chex.assert_shape(train.epoch_permutation_fn(ens, 96)(1), (96,))
     with pytest.raises(config_lib.ConfigError, match="data_order='per_replica' with method 'demkd'"):
-        config_lib.validate(tiny_config(data_dir, cache_dir, **{"data_order": "per_replica",
+        validation.validate(tiny_config(data_dir, cache_dir, **{"data_order": "per_replica",
                                                                 "teachers.model": "resnet8"}))
 
 

@@ -14,7 +14,6 @@ import hashlib
 import http.client
 import os
 import pathlib
-import socket
 import sys
 import urllib.error
 import urllib.request

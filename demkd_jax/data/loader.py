@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from demkd_jax.config import default_data_config
 from demkd_jax.data import cache, download, sources
 from demkd_jax.data.dataset import (
     PUBLISHED_STATS,
@@ -26,71 +27,6 @@ from demkd_jax.data.dataset import (
 )
 
 __all__ = ["SOURCES", "default_data_config", "load_dataset"]
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """The fields of ``config.data``, with their defaults.
-
-    - ``source`` ("tfds"): one of ``tfds``, ``pickle``, ``folder``, ``npz``, ``digits`` (see
-      :mod:`demkd_jax.data.sources`).
-    - ``name`` ("cifar100"): for ``tfds`` the tfds dataset name; for ``pickle`` the archive's dataset
-      (``cifar10`` or ``cifar100``, checked against its layout); for ``folder``/``npz`` a free label. With
-      ``normalization="auto"`` the names ``cifar10``/``cifar100`` select the published statistics.
-      ``digits`` ignores it (its name is always ``digits``).
-    - ``path`` (""): the local input of ``pickle`` (archive, extracted directory, or a directory holding
-      one), ``folder`` (directory tree or tar archive) and ``npz`` (directory). Relative paths are taken
-      from the current directory.
-    - ``num_classes`` (100): the class count the data must have (labels in ``[0, num_classes)``);
-      ``-1`` takes it from the data.
-    - ``image_size`` (32): the required image height = width (images are never resized; ``-1``
-      accepts any size); for ``digits`` the size the 8x8 images are upsampled to (a multiple of 8).
-    - ``cache_dir`` (""): where decoded datasets are cached as ``.npz``; ``""`` means
-      ``$DEMKD_CACHE_DIR``, else ``$XDG_CACHE_HOME/demkd_jax``, else ``~/.cache/demkd_jax``.
-    - ``use_cache`` (True): read and write that cache.
-    - ``tfds_data_dir`` (""): tensorflow-datasets ``data_dir``; ``""`` means tfds's default
-      (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
-    - ``download`` (True): when source ``tfds`` has no prepared copy of ``cifar100``/``cifar10`` (preparing
-      one needs TensorFlow), read the official python-pickle archive (``cifar-100-python.tar.gz``,
-      ``cifar-10-python.tar.gz``) from the cache directory instead, downloading it there first when it is
-      absent (once; MD5-verified; an interrupted download resumes). ``False``: never download; an archive
-      already in the cache directory is still used, else the unprepared tfds dataset is an error.
-    - ``download_url`` (""), ``download_md5`` (""): where that archive is fetched from and its MD5; ``""``
-      means the official address and published checksum.
-    - ``normalization`` ("auto"): ``auto`` uses the published mean/std for ``cifar100`` (docs/method.md §3)
-      and ``cifar10``, and statistics computed from the train split otherwise; ``computed`` always computes.
-    - ``num_workers`` (0): image-decoding worker processes for ``folder`` (``0``: decode in this process;
-      ``-1``: one per available CPU, at most 8). Workers are spawned, so a script that sets it must keep
-      its main code under ``if __name__ == "__main__":``. Only the first load decodes (then the cache
-      serves); on a busy 2-core machine 2 workers were slower than none.
-    - ``downsample`` (1): ``f > 1`` mean-pools every image over ``f x f`` blocks on load (after the cache, which
-      keeps the source's pixels), rounding to the nearest pixel level (halves to even): ``downsample=2`` turns
-      32x32 CIFAR into 16x16, a cheaper proxy. ``image_size`` still names the source's size, and the
-      statistics are computed from the pooled train split (``normalization="auto"`` selects the published
-      values only for the source's own resolution: pooling lowers the std).
-    - ``crop_padding`` (4), ``random_flip`` (True): the training augmentation, read by the trainer and
-      passed to :func:`demkd_jax.data.augment` (random crop with this much zero padding, horizontal flip).
-    - ``digits_test_fraction`` (0.2), ``digits_seed`` (0): the fixed stratified split of ``digits``.
-    """
-    c = ml_collections.ConfigDict()
-    c.source = "tfds"
-    c.name = "cifar100"
-    c.path = ""
-    c.num_classes = 100
-    c.image_size = 32
-    c.cache_dir = ""
-    c.use_cache = True
-    c.tfds_data_dir = ""
-    c.download = True
-    c.download_url = ""
-    c.download_md5 = ""
-    c.normalization = "auto"
-    c.num_workers = 0
-    c.downsample = 1
-    c.crop_padding = 4
-    c.random_flip = True
-    c.digits_test_fraction = 0.2
-    c.digits_seed = 0
-    return c
 
 
 @dataclasses.dataclass(frozen=True)
