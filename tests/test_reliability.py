@@ -414,7 +414,7 @@ def test_unwritable_workdir_message_where_chmod_does_not_apply(make_config, tmp_
     """The table's chmod case skips as root; the check itself (os.access) is the same for everyone."""
     locked = tmp_path / "locked"
     locked.mkdir()
-    monkeypatch.setattr(config_lib.os, "access", lambda path, mode: not str(path).startswith(str(locked)))
+    monkeypatch.setattr(validation.os, "access", lambda path, mode: not str(path).startswith(str(locked)))
     with pytest.raises(config_lib.ConfigError) as err:
         validation.validate(make_config(), workdir=str(locked / "run"))
     assert str(err.value) == f"workdir {str(locked / 'run')!r} is not writable ({str(locked)!r} denies write access)"
