@@ -31,9 +31,12 @@ CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
 # Set it to resume a workdir whose saved config differs in result-changing fields.
 ALLOW_CONFIG_CHANGE = "checkpoint.allow_config_change"
-# Config fields that a resumed run may change without changing what it computes (prefix matches a section).
+# Config fields that a resumed run may change without changing what it computes (prefix matches a section). The
+# mesh is one of them: a run on 1 or 8 devices computes the same steps (tests/test_sharding.py), and a checkpoint
+# restores onto any mesh.
 RESULT_NEUTRAL = ("num_epochs", "progress_bar", "log_every_steps", "eval_batch_size", "on_nonfinite",
-                  "distributed", "data.cache_dir", "checkpoint.")
+                  "distributed", "mesh.", "data.cache_dir", "data.use_cache", "data.num_workers", "data.tfds_data_dir",
+                  "data.download", "checkpoint.")
 
 
 class WorkdirError(ConfigError):
