@@ -25,96 +25,96 @@ class ConfigError(ValueError):
 
 
 def base_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.dtype = "float32"  # computation dtype; parameters, optimizer state and loss reductions stay float32
-    c.num_epochs = 240
-    c.batch_size = 64
-    c.eval_batch_size = 500
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.dtype = "float32"  # computation dtype; parameters, optimizer state and loss reductions stay float32
+    config.num_epochs = 240
+    config.batch_size = 64
+    config.eval_batch_size = 500
     # Independent students (different init seeds, same teachers, same data order) trained in one step.
-    c.num_seeds = 1
+    config.num_seeds = 1
     # Teacher training (method "ce"): train this many models at once and write each as a teacher checkpoint.
-    c.ensemble_size = 0
-    c.execution = "auto"  # how the seed/ensemble axis runs: vmap, loop (unrolled), or auto (by backend)
+    config.ensemble_size = 0
+    config.execution = "auto"  # how the seed/ensemble axis runs: vmap, loop (unrolled), or auto (by backend)
     # Data order and augmentation of the replicas: "shared" (one stream, keyed by the seed), "per_replica" (an
     # independent stream per model: a teacher ensemble of independently trained members), "auto" (per_replica
     # for a teacher ensemble, shared otherwise: students share the teachers' forward, so they share the batch).
-    c.data_order = "auto"
+    config.data_order = "auto"
 
-    c.data = default_data_config()
+    config.data = default_data_config()
 
     # winograd: "on" computes the 3x3 convolutions where it pays (models/winograd.py: many channels, small maps)
     # as Winograd F(2x2, 3x3) (same parameters, equal up to float rounding), "off" never, "auto" on the CPU
     # backend in float32 only (accelerator libraries choose their own convolution algorithms).
-    c.student = ml_collections.ConfigDict({"model": "vgg8", "width": 1.0, "winograd": "auto"})
+    config.student = ml_collections.ConfigDict({"model": "vgg8", "width": 1.0, "winograd": "auto"})
 
-    c.teachers = ml_collections.ConfigDict()
-    c.teachers.model = ""  # "" = read from the checkpoints; otherwise checked against them
-    c.teachers.checkpoints = ()  # directories written by the teacher trainer or demkd_jax.convert
-    c.teachers.execution = "auto"  # K teacher forwards: vmap, loop, or auto (by backend)
-    c.teachers.fold_bn = True  # fold frozen teachers' BatchNorm into their convolutions
-    c.teachers.winograd = "auto"  # as student.winograd; also used when the teachers are trained first
+    config.teachers = ml_collections.ConfigDict()
+    config.teachers.model = ""  # "" = read from the checkpoints; otherwise checked against them
+    config.teachers.checkpoints = ()  # directories written by the teacher trainer or demkd_jax.convert
+    config.teachers.execution = "auto"  # K teacher forwards: vmap, loop, or auto (by backend)
+    config.teachers.fold_bn = True  # fold frozen teachers' BatchNorm into their convolutions
+    config.teachers.winograd = "auto"  # as student.winograd; also used when the teachers are trained first
     # When no checkpoints are given: train `num` teachers first (in <workdir>/teachers), then distil.
-    c.teachers.num = 3
-    c.teachers.width = 1.0
-    c.teachers.num_epochs = -1  # -1: the student's num_epochs
-    c.teachers.learning_rate = -1.0  # -1: the student's learning rate
+    config.teachers.num = 3
+    config.teachers.width = 1.0
+    config.teachers.num_epochs = -1  # -1: the student's num_epochs
+    config.teachers.learning_rate = -1.0  # -1: the student's learning rate
 
-    c.distill = ml_collections.ConfigDict()
-    c.distill.method = "demkd"  # a name from demkd_jax.methods.METHODS
-    c.distill.features = True  # intermediate-feature term (demkd, camkd)
-    c.distill.weights = "camkd"  # DE-MKD entropy weighting scheme (docs/method.md §2)
-    c.distill.weight_temperature = 1.0  # T_w of the entropy
-    c.distill.weight_tau = 1.0  # tau of the "softmax" scheme
-    c.distill.temperature = 4.0
-    c.distill.alpha = 1.0  # TCKD
-    c.distill.beta = 8.0  # NCKD
-    c.distill.ce_weight = config_dict.placeholder(float)  # gamma; None: the method's (0.1 for kd, else 1)
-    c.distill.kd_weight = config_dict.placeholder(float)  # weight of the logit term; None: the method's
+    config.distill = ml_collections.ConfigDict()
+    config.distill.method = "demkd"  # a name from demkd_jax.methods.METHODS
+    config.distill.features = True  # intermediate-feature term (demkd, camkd)
+    config.distill.weights = "camkd"  # DE-MKD entropy weighting scheme (docs/method.md §2)
+    config.distill.weight_temperature = 1.0  # T_w of the entropy
+    config.distill.weight_tau = 1.0  # tau of the "softmax" scheme
+    config.distill.temperature = 4.0
+    config.distill.alpha = 1.0  # TCKD
+    config.distill.beta = 8.0  # NCKD
+    config.distill.ce_weight = config_dict.placeholder(float)  # gamma; None: the method's (0.1 for kd, else 1)
+    config.distill.kd_weight = config_dict.placeholder(float)  # weight of the logit term; None: the method's
     # DE-MKD (and dkd_uniform) over teachers: "sum" of the weighted per-teacher losses (the entropy weights sum to
     # 1, so the term has single-teacher DKD's scale, for which alpha/beta/warm-up were tuned) or "mean" (that sum
     # divided by K, CA-MKD's convention). The baselines use their references' reductions.
-    c.distill.teacher_reduction = "sum"
-    c.distill.feature_weight = 50.0  # lambda
-    c.distill.warmup_epochs = -1  # -1: the method's (20 for the DKD-based methods, 0 otherwise)
-    c.distill.feature_start_epoch = 2  # the feature term is off in epoch 1
-    c.distill.feature_warmup_epochs = 0  # > 0: the feature term ramps up linearly over this many epochs from its start
+    config.distill.teacher_reduction = "sum"
+    config.distill.feature_weight = 50.0  # lambda
+    config.distill.warmup_epochs = -1  # -1: the method's (20 for the DKD-based methods, 0 otherwise)
+    config.distill.feature_start_epoch = 2  # the feature term is off in epoch 1
+    config.distill.feature_warmup_epochs = 0  # > 0: the feature term ramps up linearly over this many epochs from its start
     # CA-MKD's feature weights depend on the student (each teacher's head judges its projected feature); its code
     # lets the gradient flow through them (False). True makes them constants.
-    c.distill.camkd_detach_feature_weights = False
-    c.distill.hint_layer = 2  # FitNet-MKD: index into the feature list of student and teachers
-    c.distill.hint_weight = 100.0
+    config.distill.camkd_detach_feature_weights = False
+    config.distill.hint_layer = 2  # FitNet-MKD: index into the feature list of student and teachers
+    config.distill.hint_weight = 100.0
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 0.05
-    c.optim.momentum = 0.9
-    c.optim.nesterov = config_dict.placeholder(bool)  # None: the method's reference (mdistiller's kd/dkd: False)
-    c.optim.weight_decay = 5e-4
-    c.optim.lr_decay_epochs = (150, 180, 210)
-    c.optim.lr_decay_rate = 0.1
+    config.optim = ml_collections.ConfigDict()
+    config.optim.learning_rate = 0.05
+    config.optim.momentum = 0.9
+    config.optim.nesterov = config_dict.placeholder(bool)  # None: the method's reference (mdistiller's kd/dkd: False)
+    config.optim.weight_decay = 5e-4
+    config.optim.lr_decay_epochs = (150, 180, 210)
+    config.optim.lr_decay_rate = 0.1
 
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_epochs = 1
-    c.checkpoint.keep_last = 2
-    c.checkpoint.keep_best = True
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_epochs = 1
+    config.checkpoint.keep_last = 2
+    config.checkpoint.keep_best = True
     # A corrupted checkpoint is moved aside to <step>.corrupt-<time> (True: deleted); the run resumes from the
     # newest good one. If none is good the run stops rather than silently starting over, unless this is True.
-    c.checkpoint.delete_corrupt = False
-    c.checkpoint.restart_if_all_corrupt = False
+    config.checkpoint.delete_corrupt = False
+    config.checkpoint.restart_if_all_corrupt = False
     # A resume whose result-changing fields (seed, hyperparameters, ...) differ from the workdir's config.json is
     # refused, naming them; True resumes with the new values (demkd_jax/workdir.py).
-    c.checkpoint.allow_config_change = False
+    config.checkpoint.allow_config_change = False
 
     # Data parallelism (demkd_jax/parallel.py): the "data" mesh axis and where the on-device dataset lives.
-    c.mesh = default_mesh_config()
+    config.mesh = default_mesh_config()
     # jax.distributed.initialize(): "auto" (when launched as several processes: TPU pod, SLURM, MPI,
     # JAX_COORDINATOR_ADDRESS), "on" or "off".
-    c.distributed = "auto"
+    config.distributed = "auto"
 
-    c.log_every_steps = 50
-    c.on_nonfinite = "stop"  # "stop": halt before anything non-finite is saved; "skip": drop the step
-    c.progress_bar = True
-    return c
+    config.log_every_steps = 50
+    config.on_nonfinite = "stop"  # "stop": halt before anything non-finite is saved; "skip": drop the step
+    config.progress_bar = True
+    return config
 
 
 def is_teacher_ensemble(config) -> bool:
@@ -179,26 +179,26 @@ def default_data_config() -> ml_collections.ConfigDict:
       passed to :func:`demkd_jax.data.augment` (random crop with this much zero padding, horizontal flip).
     - ``digits_test_fraction`` (0.2), ``digits_seed`` (0): the fixed stratified split of ``digits``.
     """
-    c = ml_collections.ConfigDict()
-    c.source = "tfds"
-    c.name = "cifar100"
-    c.path = ""
-    c.num_classes = 100
-    c.image_size = 32
-    c.cache_dir = ""
-    c.use_cache = True
-    c.tfds_data_dir = ""
-    c.download = True
-    c.download_url = ""
-    c.download_md5 = ""
-    c.normalization = "auto"
-    c.num_workers = 0
-    c.downsample = 1
-    c.crop_padding = 4
-    c.random_flip = True
-    c.digits_test_fraction = 0.2
-    c.digits_seed = 0
-    return c
+    config = ml_collections.ConfigDict()
+    config.source = "tfds"
+    config.name = "cifar100"
+    config.path = ""
+    config.num_classes = 100
+    config.image_size = 32
+    config.cache_dir = ""
+    config.use_cache = True
+    config.tfds_data_dir = ""
+    config.download = True
+    config.download_url = ""
+    config.download_md5 = ""
+    config.normalization = "auto"
+    config.num_workers = 0
+    config.downsample = 1
+    config.crop_padding = 4
+    config.random_flip = True
+    config.digits_test_fraction = 0.2
+    config.digits_seed = 0
+    return config
 
 
 def default_mesh_config() -> ml_collections.ConfigDict:
@@ -212,7 +212,7 @@ def default_mesh_config() -> ml_collections.ConfigDict:
       on every device, no communication to form a batch) or ``"sharded"`` (1/n of the rows per device; the
       batch is gathered with one all-reduce). Both give the same batches, so the same run.
     """
-    c = ml_collections.ConfigDict()
-    c.num_devices = -1
-    c.dataset = "replicated"
-    return c
+    config = ml_collections.ConfigDict()
+    config.num_devices = -1
+    config.dataset = "replicated"
+    return config

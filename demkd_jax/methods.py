@@ -97,17 +97,17 @@ class Resolved:
 
 def resolve(config) -> Resolved:
     """The method of ``config`` with its overrides (``None``/``-1`` in the config: the method's default)."""
-    d = config.distill
-    m = get(d.method)
-    feature = m.feature_term if (not m.optional_features or bool(d.features)) else "none"
+    distill = config.distill
+    method = get(distill.method)
+    feature = method.feature_term if (not method.optional_features or bool(distill.features)) else "none"
     return Resolved(
-        method=m,
-        ce_weight=float(m.ce_weight if d.ce_weight is None else d.ce_weight),
-        kd_weight=float(m.kd_weight if d.kd_weight is None else d.kd_weight),
-        warmup_epochs=int(m.warmup_epochs if d.warmup_epochs < 0 else d.warmup_epochs),
-        reduction=str(d.teacher_reduction if m.reduction == "config" else m.reduction),
+        method=method,
+        ce_weight=float(method.ce_weight if distill.ce_weight is None else distill.ce_weight),
+        kd_weight=float(method.kd_weight if distill.kd_weight is None else distill.kd_weight),
+        warmup_epochs=int(method.warmup_epochs if distill.warmup_epochs < 0 else distill.warmup_epochs),
+        reduction=str(distill.teacher_reduction if method.reduction == "config" else method.reduction),
         feature_term=feature,
-        nesterov=bool(m.nesterov if config.optim.nesterov is None else config.optim.nesterov),
+        nesterov=bool(method.nesterov if config.optim.nesterov is None else config.optim.nesterov),
     )
 
 

@@ -55,7 +55,7 @@ class TrainState:
 
 
 @dataclasses.dataclass(frozen=True)
-class Setup:
+class RunSpec:
     """The static parts of a run, fixed at trace time."""
 
     config: ml_collections.ConfigDict
@@ -157,18 +157,18 @@ def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     Epoch e (1-based) runs at ``learning_rate * lr_decay_rate ** n``, n = how many entries of
     ``lr_decay_epochs`` are < e; an epoch listed twice decays twice.
     """
-    o = config.optim
-    counts = collections.Counter(int(e) for e in o.lr_decay_epochs if int(e) < config.num_epochs)
-    boundaries = {e * steps_per_epoch: o.lr_decay_rate ** n for e, n in sorted(counts.items())}
-    return optax.piecewise_constant_schedule(o.learning_rate, boundaries)
+    optim = config.optim
+    counts = collections.Counter(int(e) for e in optim.lr_decay_epochs if int(e) < config.num_epochs)
+    boundaries = {e * steps_per_epoch: optim.lr_decay_rate ** n for e, n in sorted(counts.items())}
+    return optax.piecewise_constant_schedule(optim.learning_rate, boundaries)
 
 
 def make_optimizer(config, schedule: optax.Schedule, nesterov: bool) -> optax.GradientTransformation:
     """PyTorch SGD: coupled L2 weight decay on every parameter, (Nesterov) momentum, the rate from ``schedule``."""
-    o = config.optim
+    optim = config.optim
     return optax.chain(
-        optax.add_decayed_weights(o.weight_decay),
-        optax.sgd(schedule, momentum=o.momentum or None, nesterov=bool(nesterov and o.momentum)),
+        optax.add_decayed_weights(optim.weight_decay),
+        optax.sgd(schedule, momentum=optim.momentum or None, nesterov=bool(nesterov and optim.momentum)),
     )
 
 
@@ -181,7 +181,7 @@ def schedule_count(opt_state: optax.OptState) -> jax.Array:
 # State
 
 
-def init_state(setup: Setup, rng: jax.Array) -> TrainState:
+def init_state(setup: RunSpec, rng: jax.Array) -> TrainState:
     """R independently initialised students (+ connectors), stacked on a leading replica axis."""
     x = jnp.zeros((2, *setup.image_shape), jnp.float32)
 
@@ -206,7 +206,7 @@ def init_state(setup: Setup, rng: jax.Array) -> TrainState:
 # Teachers
 
 
-def teacher_forward(setup: Setup, teacher_vars: Params, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+def teacher_forward(setup: RunSpec, teacher_vars: Params, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """Logits [K,B,C] and, if needed, the distilled feature map [K,B,H,W,C] of the frozen teachers."""
 
     def one(v, x):
@@ -245,7 +245,7 @@ def _ramp(epoch: jax.Array, start: int, epochs: int) -> jax.Array:
     return (epoch >= start).astype(jnp.float32)
 
 
-def make_batch_fn(setup: Setup) -> Callable:
+def make_batch_fn(setup: RunSpec) -> Callable:
     """``batch(images, labels, perm, key, step) -> (x, y)``: step ``step``'s batch of the epoch order ``perm``,
     gathered and augmented on the device with the stream ``key``."""
     config = setup.config
@@ -266,7 +266,7 @@ def make_batch_fn(setup: Setup) -> Callable:
     return batch
 
 
-def make_loss_fn(setup: Setup) -> Callable:
+def make_loss_fn(setup: RunSpec) -> Callable:
     """``loss(params, batch_stats, x, y, t_logits, t_feats, weights, epoch, teacher_vars) -> (total, (terms,
     new_batch_stats, student_logits))`` of one student, built from its method's table row (:mod:`methods`)."""
     distill = setup.config.distill
@@ -303,7 +303,7 @@ def make_loss_fn(setup: Setup) -> Callable:
     return loss_fn
 
 
-def make_replica_update(setup: Setup, loss_fn: Callable) -> Callable:
+def make_replica_update(setup: RunSpec, loss_fn: Callable) -> Callable:
     """``update(params, batch_stats, opt_state, x, y, t_logits, t_feats, weights, epoch, teacher_vars)
     -> ((params, batch_stats, opt_state), metrics)``: one student's gradient step; a non-finite step is dropped."""
     distill = setup.config.distill
@@ -341,7 +341,7 @@ def make_replica_update(setup: Setup, loss_fn: Callable) -> Callable:
     return replica_update
 
 
-def make_train_step(setup: Setup) -> Callable:
+def make_train_step(setup: RunSpec) -> Callable:
     """Returns ``train_step(state, teacher_vars, images, labels, perm) -> (state, metrics)`` (pure, to be jitted).
 
     ``perm`` is the epoch's permutation of the training set (:func:`epoch_permutation_fn`, computed on the
@@ -409,13 +409,13 @@ def make_eval_fn(model: nn.Module, execution: str, num_examples: int, batch_size
             logits = map_stacked(lambda v, x: model.apply(v, x, train=False)[0], execution, stacked_vars, x)
             correct = jnp.sum((jnp.argmax(logits, -1) == y[None]) & m[None], axis=1)
             probs = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), -1), axis=0)
-            ens = jnp.sum((jnp.argmax(probs, -1) == y) & m)
-            return (carry[0] + correct, carry[1] + ens), None
+            ensemble_correct = jnp.sum((jnp.argmax(probs, -1) == y) & m)
+            return (carry[0] + correct, carry[1] + ensemble_correct), None
 
         n_members = jax.tree_util.tree_leaves(stacked_vars)[0].shape[0]
         init = (jnp.zeros((n_members,), jnp.int32), jnp.zeros((), jnp.int32))
-        (correct, ens), _ = jax.lax.scan(body, init, jnp.arange(num_batches))
-        return correct, ens
+        (correct, ensemble_correct), _ = jax.lax.scan(body, init, jnp.arange(num_batches))
+        return correct, ensemble_correct
 
     return eval_fn
 
@@ -424,7 +424,7 @@ def make_eval_fn(model: nn.Module, execution: str, num_examples: int, batch_size
 # Compiled with the mesh's shardings: the same functions on one device or a pod
 
 
-def jit_train_step(setup: Setup) -> Callable:
+def jit_train_step(setup: RunSpec) -> Callable:
     """:func:`make_train_step` jitted with explicit in/out shardings over ``setup.mesh``.
 
     State, teachers and the epoch permutation are replicated, the splits placed as ``config.mesh.dataset``
@@ -435,7 +435,7 @@ def jit_train_step(setup: Setup) -> Callable:
                    donate_argnums=(0,))
 
 
-def jit_eval_fn(setup: Setup, model: nn.Module, execution: str, num_examples: int, batch_size: int,
+def jit_eval_fn(setup: RunSpec, model: nn.Module, execution: str, num_examples: int, batch_size: int,
                 dtype) -> Callable:
     """:func:`make_eval_fn` over ``setup.mesh``: variables replicated, test split as placed, batches sharded."""
     rep, data = setup.replicated, setup.dataset_sharding
@@ -443,12 +443,12 @@ def jit_eval_fn(setup: Setup, model: nn.Module, execution: str, num_examples: in
     return jax.jit(fn, in_shardings=(rep, data, data), out_shardings=rep)
 
 
-def jit_init_state(setup: Setup, rng: jax.Array) -> TrainState:
+def jit_init_state(setup: RunSpec, rng: jax.Array) -> TrainState:
     """A fresh state, created directly replicated on the mesh (a global array on every host)."""
     return jax.jit(lambda: init_state(setup, rng), out_shardings=setup.replicated)()
 
 
-def abstract_state(setup: Setup, rng: jax.Array) -> TrainState:
+def abstract_state(setup: RunSpec, rng: jax.Array) -> TrainState:
     """Shapes, dtypes and (replicated) shardings of the state: the restore target of a checkpoint.
 
     With shardings in the target, Orbax restores onto this run's mesh whatever mesh saved the checkpoint.
@@ -463,22 +463,22 @@ def abstract_state(setup: Setup, rng: jax.Array) -> TrainState:
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The teacher-ensemble run that a distillation config implies when it names no checkpoints."""
-    t = config.teachers
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.distill.method = "ce"
-    c.ensemble_size = t.num
-    c.num_seeds = 1
-    c.data_order = "auto"
-    c.student.model = t.model
-    c.student.width = t.width
-    c.student.winograd = t.winograd
-    c.teachers.checkpoints = ()
-    c.seed = config.seed + 1000
-    if t.num_epochs > 0:
-        c.num_epochs = t.num_epochs
-    if t.learning_rate > 0:
-        c.optim.learning_rate = t.learning_rate
-    return c
+    teachers = config.teachers
+    teacher_run = ml_collections.ConfigDict(config.to_dict())
+    teacher_run.distill.method = "ce"
+    teacher_run.ensemble_size = teachers.num
+    teacher_run.num_seeds = 1
+    teacher_run.data_order = "auto"
+    teacher_run.student.model = teachers.model
+    teacher_run.student.width = teachers.width
+    teacher_run.student.winograd = teachers.winograd
+    teacher_run.teachers.checkpoints = ()
+    teacher_run.seed = config.seed + 1000
+    if teachers.num_epochs > 0:
+        teacher_run.num_epochs = teachers.num_epochs
+    if teachers.learning_rate > 0:
+        teacher_run.optim.learning_rate = teachers.learning_rate
+    return teacher_run
 
 
 def teacher_dirs(workdir: str | os.PathLike, num: int) -> list[pathlib.Path]:
@@ -568,7 +568,7 @@ def _feature_shapes(model: nn.Module, variables: Params | None, image_shape) -> 
     return jax.eval_shape(lambda: model.apply(init(), x0, train=False)[1])
 
 
-def build_setup(config, ds, teachers: Teachers | None) -> Setup:
+def build_setup(config, ds, teachers: Teachers | None) -> RunSpec:
     """The static description of the run: models, connectors, optimizer, execution modes."""
     dtype = compute_dtype(config)
     resolved = methods.resolve(config)
@@ -595,7 +595,7 @@ def build_setup(config, ds, teachers: Teachers | None) -> Setup:
         connector = models.StackedConnector(num_teachers=num_teachers, out_channels=t_shape[-1],
                                             out_size=(t_shape[1], t_shape[2]), dtype=dtype)
     schedule = lr_schedule(config, steps_per_epoch)
-    return Setup(
+    return RunSpec(
         config=config, method=resolved, student=student, teacher=teacher, connector=connector,
         tx=make_optimizer(config, schedule, resolved.nesterov), lr_schedule=schedule, image_shape=image_shape,
         data_order=config_lib.data_order(config),
@@ -684,7 +684,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 class _Run:
     """What the epochs of :func:`fit` share: the compiled functions and the on-device data."""
 
-    setup: Setup
+    setup: RunSpec
     train_step: Callable
     student_eval: Callable
     permutation: Callable[[int], jax.Array]
@@ -719,10 +719,10 @@ def _evaluate_teachers(run: _Run, teachers: Teachers, log: Callable) -> dict:
     n_test = run.num_test
     t_eval = jit_eval_fn(setup, setup.teacher, setup.teacher_execution, n_test, run.eval_batch,
                          compute_dtype(setup.config))
-    correct, ens = jax.device_get(t_eval(run.teacher_vars, *run.test))
+    correct, ensemble_correct = jax.device_get(t_eval(run.teacher_vars, *run.test))
     summary = {"model": teachers.model_name, "dirs": [str(d) for d in teachers.dirs],
                "test_acc": [round(100.0 * float(c) / n_test, 2) for c in correct],
-               "ensemble_test_acc": round(100.0 * float(ens) / n_test, 2)}
+               "ensemble_test_acc": round(100.0 * float(ensemble_correct) / n_test, 2)}
     log(f"teachers ({summary['model']} x {setup.num_teachers}): test top-1 {summary['test_acc']}, "
         f"ensemble {summary['ensemble_test_acc']}")
     return summary
@@ -796,11 +796,11 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, 
 def _evaluate(run: _Run, state: TrainState) -> tuple[list[float], float]:
     """Test top-1 per replica and of the replicas' ensemble (mean of their probabilities)."""
     student_vars = {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
-    correct, ens = jax.device_get(run.student_eval(student_vars, *run.test))
-    return [round(100.0 * float(c) / run.num_test, 2) for c in correct], round(100.0 * float(ens) / run.num_test, 2)
+    correct, ensemble_correct = jax.device_get(run.student_eval(student_vars, *run.test))
+    return [round(100.0 * float(c) / run.num_test, 2) for c in correct], round(100.0 * float(ensemble_correct) / run.num_test, 2)
 
 
-def _summary(config, ds: data_lib.Dataset, setup: Setup, history: list[dict], t_start: float,
+def _summary(config, ds: data_lib.Dataset, setup: RunSpec, history: list[dict], t_start: float,
              teacher_summary: dict | None) -> dict:
     final = history[-1] if history else {}
     per_replica_best = np.max(np.array([r["test_acc_per_replica"] for r in history]), axis=0) if history else []

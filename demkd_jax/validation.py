@@ -69,13 +69,13 @@ def _check_choices(config) -> None:
 
 
 def _check_numbers(config) -> None:
-    d, o = config.distill, config.optim
+    distill, optim = config.distill, config.optim
     for name in ("ce_weight", "kd_weight"):
-        if d[name] is not None and not (_is_number(d[name]) and math.isfinite(d[name]) and d[name] >= 0):
-            _fail(f"config.distill.{name} must be a number >= 0 (or None for the method's default), got {d[name]!r}")
-    if not (_is_int(d.feature_warmup_epochs) and d.feature_warmup_epochs >= 0):
-        _fail(f"config.distill.feature_warmup_epochs must be an integer >= 0, got {d.feature_warmup_epochs!r}")
-    for name, value in (("optim.learning_rate", o.learning_rate), ("student.width", config.student.width)):
+        if distill[name] is not None and not (_is_number(distill[name]) and math.isfinite(distill[name]) and distill[name] >= 0):
+            _fail(f"config.distill.{name} must be a number >= 0 (or None for the method's default), got {distill[name]!r}")
+    if not (_is_int(distill.feature_warmup_epochs) and distill.feature_warmup_epochs >= 0):
+        _fail(f"config.distill.feature_warmup_epochs must be an integer >= 0, got {distill.feature_warmup_epochs!r}")
+    for name, value in (("optim.learning_rate", optim.learning_rate), ("student.width", config.student.width)):
         if not (_is_number(value) and math.isfinite(value) and value > 0):
             _fail(f"config.{name} must be a positive number, got {value!r}")
     for name, value in (("num_epochs", config.num_epochs), ("batch_size", config.batch_size),
@@ -85,17 +85,17 @@ def _check_numbers(config) -> None:
                         ("checkpoint.keep_last", config.checkpoint.keep_last)):
         if not (_is_int(value) and value > 0):
             _fail(f"config.{name} must be a positive integer, got {value!r}")
-    if not (_is_number(o.weight_decay) and math.isfinite(o.weight_decay) and o.weight_decay >= 0):
-        _fail(f"config.optim.weight_decay must be >= 0, got {o.weight_decay!r}")
-    if not (_is_number(o.momentum) and 0 <= o.momentum < 1):
-        _fail(f"config.optim.momentum must be in [0, 1), got {o.momentum!r}")
-    if not (_is_number(o.lr_decay_rate) and math.isfinite(o.lr_decay_rate) and o.lr_decay_rate > 0):
-        _fail(f"config.optim.lr_decay_rate must be a positive number, got {o.lr_decay_rate!r}")
-    if any(not (_is_int(e) and e >= 0) for e in o.lr_decay_epochs):
-        _fail(f"config.optim.lr_decay_epochs must be integer epochs >= 0, got {tuple(o.lr_decay_epochs)!r}")
+    if not (_is_number(optim.weight_decay) and math.isfinite(optim.weight_decay) and optim.weight_decay >= 0):
+        _fail(f"config.optim.weight_decay must be >= 0, got {optim.weight_decay!r}")
+    if not (_is_number(optim.momentum) and 0 <= optim.momentum < 1):
+        _fail(f"config.optim.momentum must be in [0, 1), got {optim.momentum!r}")
+    if not (_is_number(optim.lr_decay_rate) and math.isfinite(optim.lr_decay_rate) and optim.lr_decay_rate > 0):
+        _fail(f"config.optim.lr_decay_rate must be a positive number, got {optim.lr_decay_rate!r}")
+    if any(not (_is_int(e) and e >= 0) for e in optim.lr_decay_epochs):
+        _fail(f"config.optim.lr_decay_epochs must be integer epochs >= 0, got {tuple(optim.lr_decay_epochs)!r}")
     for name in ("temperature", "weight_temperature", "weight_tau"):
-        if not d[name] > 0:
-            _fail(f"config.distill.{name} must be > 0, got {d[name]!r}")
+        if not distill[name] > 0:
+            _fail(f"config.distill.{name} must be > 0, got {distill[name]!r}")
 
 
 def _check_replicas(config, method: methods.Method) -> None:
@@ -114,20 +114,20 @@ def _check_replicas(config, method: methods.Method) -> None:
 
 def _check_teachers(config, method: methods.Method) -> None:
     """The teacher count the method needs, the checkpoint directories, and FitNet's hint layer."""
-    d = config.distill
+    distill = config.distill
     ckpts = tuple(config.teachers.checkpoints)
     k = len(ckpts) if ckpts else config.teachers.num
     if not ckpts and not config.teachers.model:
-        _fail(f"method {d.method!r} needs teachers: set config.teachers.checkpoints to teacher directories, "
+        _fail(f"method {distill.method!r} needs teachers: set config.teachers.checkpoints to teacher directories, "
               "or config.teachers.model (and teachers.num) to train them first")
     if method.teachers == "one" and k != 1:
-        _fail(f"method {d.method!r} distils from exactly 1 teacher, got {k}; use 'aver' (KD) or 'demkd' "
+        _fail(f"method {distill.method!r} distils from exactly 1 teacher, got {k}; use 'aver' (KD) or 'demkd' "
               "(DKD) for several")
     divides = {"confidence": "CA-MKD's weights", "ebkd": "the 'ebkd' weights"}.get(method.weighting)
-    if method.weighting == "entropy" and d.weights in ("camkd", "ebkd"):
-        divides = f"the {d.weights!r} weights"
+    if method.weighting == "entropy" and distill.weights in ("camkd", "ebkd"):
+        divides = f"the {distill.weights!r} weights"
     if method.teachers == "many" and k < 2 and divides:
-        _fail(f"method {d.method!r} with {k} teacher: {divides} divide by K - 1, so K must be >= 2")
+        _fail(f"method {distill.method!r} with {k} teacher: {divides} divide by K - 1, so K must be >= 2")
     if k < 1:
         _fail(f"config.teachers.num must be >= 1, got {k}")
     for path in ckpts:
@@ -141,11 +141,11 @@ def _check_teachers(config, method: methods.Method) -> None:
     if method.feature_term == "hint":
         teacher_model = metas[0]["model"] if metas else config.teachers.model
         teacher_width = float(metas[0].get("width", 1.0)) if metas else float(config.teachers.width)
-        if not _is_int(d.hint_layer):
-            _fail(f"config.distill.hint_layer must be an integer feature index, got {d.hint_layer!r}")
+        if not _is_int(distill.hint_layer):
+            _fail(f"config.distill.hint_layer must be an integer feature index, got {distill.hint_layer!r}")
         for who, name, width in (("student", config.student.model, config.student.width),
                                  ("teacher", teacher_model, teacher_width)):
-            check_feature_index(d.hint_layer, who, name, num_feature_maps(name, width))
+            check_feature_index(distill.hint_layer, who, name, num_feature_maps(name, width))
 
 
 def validate_data(config, ds: data_lib.Dataset) -> None:
