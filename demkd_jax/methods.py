@@ -1,16 +1,6 @@
 """The distillation methods in one table, and each method's loss terms as pure functions.
 
-A run's loss is
-
-    L = ce_weight · CE(z_s, y) + min(epoch / warmup, 1) · logit_term + ramp(epoch) · λ · feature_term
-
-where every piece comes from the method's row in :data:`METHODS` (``config.distill`` can override the CE and
-KD weights, the warm-up and, for DE-MKD, the teacher reduction). The train step (``demkd_jax.train``) builds
-its loss from these functions only; nothing else compares method names.
-
-Teacher reduction: a method's weighted per-teacher losses ``w_k · ℓ_k`` are summed over the K teachers
-(``"sum"``) or summed and divided by K (``"mean"``, what CA-MKD's code does for EBKD and CA-MKD: it divides by
-``B · K``). AVER's uniform weights 1/K make its ``"sum"`` the mean over teachers of KD.
+How a run's loss is assembled from a method's row: docs/method.md §2 ("In the code").
 """
 
 from __future__ import annotations
@@ -22,16 +12,12 @@ import jax.numpy as jnp
 
 from demkd_jax import losses
 
-__all__ = ["Method", "METHODS", "METHOD_NAMES", "get", "resolve", "Resolved", "teacher_weights", "logit_term",
-           "weighted_logit_term", "feature_term", "feature_weight"]
-
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One distillation method: what its loss is made of and which reference defines it."""
 
     name: str
-    title: str
     logit_loss: str | None  # per-teacher logit loss: "kd", "dkd", or None (no teacher in the loss)
     weighting: str | None  # "single" (teacher 0 only), "uniform", "ebkd", "confidence" (labels), "entropy"
     reduction: str  # over teachers: "sum", "mean", or "config" (config.distill.teacher_reduction)
@@ -41,7 +27,10 @@ class Method:
     warmup_epochs: int  # linear warm-up of the logit term
     teachers: str  # "none", "one", "many"
     nesterov: bool  # the reference's optimizer (SGD momentum 0.9, with or without Nesterov)
-    reference: str
+
+    @property
+    def reference(self) -> str:
+        return _REFERENCES[self.name]
 
     @property
     def optional_features(self) -> bool:
@@ -49,30 +38,33 @@ class Method:
         return self.feature_term in ("feature", "camkd")
 
 
-_CAMKD_CODE = "CA-MKD code (Zhang et al., ICASSP 2022: helper/loops.py, distiller_zoo/)"
-_MDISTILLER = "mdistiller (Zhao et al., CVPR 2022)"
-
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("ce", "CE (no teacher)", None, None, "sum", "none", 1.0, 0.0, 0, "none", True,
-           "cross-entropy training, as the CA-MKD/CRD teachers"),
-    Method("kd", "KD (teacher 0)", "kd", "single", "sum", "none", 0.1, 0.9, 0, "one", False,
-           f"Hinton et al. 2015 as in {_MDISTILLER}: distillers/KD.py"),
-    Method("dkd", "DKD (teacher 0)", "dkd", "single", "sum", "none", 1.0, 1.0, 20, "one", False,
-           f"{_MDISTILLER}: distillers/DKD.py"),
-    Method("aver", "AVER", "kd", "uniform", "sum", "none", 1.0, 1.0, 0, "many", True,
-           f"{_CAMKD_CODE}, AVERAGE_LOSS"),
-    Method("ebkd", "EBKD", "kd", "ebkd", "mean", "none", 1.0, 1.0, 0, "many", True,
-           f"Kwon et al., ICASSP 2020, as in {_CAMKD_CODE}, EBKD"),
-    Method("camkd", "CA-MKD", "kd", "confidence", "mean", "camkd", 1.0, 1.0, 0, "many", True,
-           f"{_CAMKD_CODE}, CAMKD + inter"),
-    Method("fitnet_mkd", "FitNet-MKD", "kd", "uniform", "sum", "hint", 1.0, 1.0, 0, "many", True,
-           f"{_CAMKD_CODE}, AVERAGE_LOSS + hint"),
-    Method("dkd_uniform", "DKD, uniform teachers", "dkd", "uniform", "config", "none", 1.0, 1.0, 20, "many", True,
-           "ablation of DE-MKD: its DKD term with equal teacher weights, no feature term"),
-    Method("demkd", "DE-MKD", "dkd", "entropy", "config", "feature", 1.0, 1.0, 20, "many", True,
-           "Cheng et al., Mathematics 2024 (DKD term as mdistiller, feature term as CA-MKD)"),
+    #      name           logit  weighting     reduction feature    CE   KD   warm-up teachers nesterov
+    Method("ce",          None,  None,         "sum",    "none",    1.0, 0.0, 0,      "none",  True),
+    Method("kd",          "kd",  "single",     "sum",    "none",    0.1, 0.9, 0,      "one",   False),
+    Method("dkd",         "dkd", "single",     "sum",    "none",    1.0, 1.0, 20,     "one",   False),
+    Method("aver",        "kd",  "uniform",    "sum",    "none",    1.0, 1.0, 0,      "many",  True),
+    Method("ebkd",        "kd",  "ebkd",       "mean",   "none",    1.0, 1.0, 0,      "many",  True),
+    Method("camkd",       "kd",  "confidence", "mean",   "camkd",   1.0, 1.0, 0,      "many",  True),
+    Method("fitnet_mkd",  "kd",  "uniform",    "sum",    "hint",    1.0, 1.0, 0,      "many",  True),
+    Method("dkd_uniform", "dkd", "uniform",    "config", "none",    1.0, 1.0, 20,     "many",  True),
+    Method("demkd",       "dkd", "entropy",    "config", "feature", 1.0, 1.0, 20,     "many",  True),
 )}
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+_CAMKD_CODE = "CA-MKD code (Zhang et al., ICASSP 2022: helper/loops.py, distiller_zoo/)"
+_MDISTILLER = "mdistiller (Zhao et al., CVPR 2022)"
+_REFERENCES = {
+    "ce": "cross-entropy training, as the CA-MKD/CRD teachers",
+    "kd": f"Hinton et al. 2015 as in {_MDISTILLER}: distillers/KD.py",
+    "dkd": f"{_MDISTILLER}: distillers/DKD.py",
+    "aver": f"{_CAMKD_CODE}, AVERAGE_LOSS",
+    "ebkd": f"Kwon et al., ICASSP 2020, as in {_CAMKD_CODE}, EBKD",
+    "camkd": f"{_CAMKD_CODE}, CAMKD + inter",
+    "fitnet_mkd": f"{_CAMKD_CODE}, AVERAGE_LOSS + hint",
+    "dkd_uniform": "ablation of DE-MKD: its DKD term with equal teacher weights, no feature term",
+    "demkd": "Cheng et al., Mathematics 2024 (DKD term as mdistiller, feature term as CA-MKD)",
+}
 
 
 def get(name: str) -> Method:
@@ -116,10 +108,8 @@ def teacher_weights(method: str, teacher_logits: jax.Array, labels: jax.Array, d
     m = get(method)
     if m.weighting == "single":
         return jnp.zeros(teacher_logits.shape[:2], jnp.float32).at[0].set(1.0)
-    if m.weighting == "uniform":
-        return losses.entropy_weights(teacher_logits, scheme="uniform")
-    if m.weighting == "ebkd":
-        return losses.entropy_weights(teacher_logits, scheme="ebkd")
+    if m.weighting in ("uniform", "ebkd"):
+        return losses.entropy_weights(teacher_logits, scheme=m.weighting)
     if m.weighting == "confidence":
         return losses.confidence_weights(teacher_logits, labels)
     if m.weighting == "entropy":
@@ -134,20 +124,15 @@ def weighted_logit_term(r: Resolved, student_logits: jax.Array, teacher_logits: 
     m = r.method
     if m.weighting == "single":
         teacher_logits, weights = teacher_logits[:1], weights[:1]
-    value = losses.multi_teacher_logit_loss(
+    return r.kd_weight * losses.multi_teacher_logit_loss(
         student_logits, teacher_logits, labels, weights, kind=m.logit_loss, alpha=distill.alpha, beta=distill.beta,
         temperature=distill.temperature, reduction=r.reduction)
-    return r.kd_weight * value
 
 
 def logit_term(method: str, student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
                config) -> jax.Array:
-    """The distillation term on logits that ``method`` adds to its CE term, before the warm-up factor. Scalar.
-
-    ``student_logits [B, C]``, ``teacher_logits [K, B, C]`` (single-teacher methods use teacher 0), ``labels
-    [B]``; ``config`` is a run config (its ``distill`` fields: temperature, α, β, weights, reduction, KD
-    weight). The method's KD/DKD weight and teacher reduction are applied.
-    """
+    """The term on logits that ``method`` adds to its CE term, with its KD weight and teacher reduction, before the
+    warm-up factor. Scalar; ``teacher_logits [K, B, C]`` (single-teacher methods use teacher 0)."""
     c = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
     c.distill.method = method
     r = resolve(c)
