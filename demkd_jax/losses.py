@@ -1,23 +1,10 @@
 """Distillation losses and teacher weights of DE-MKD and its baselines (docs/method.md §2, §4).
 
-Conventions:
-- Logits are ``[B, C]``; teacher-stacked arrays carry the teacher axis first (``[K, B, C]``,
-  ``[K, B, H, W, C]``, weights ``[K, B]``). Logits must be floating point and labels integers ``[B]``.
-- Checks cost nothing in a compiled step: dtypes and shapes are checked at trace time; values (labels in
-  ``[0, C)``, a temperature/tau > 0) only when they are concrete, i.e. in a call outside ``jit`` (the trainer
-  checks the dataset's labels and the config's temperatures once, before compiling).
-- Every input is cast to float32 first, so float16/bfloat16 logits are handled in float32. Probabilities
-  are only formed as the exp of a finite log-probability (log-softmax, or log-softmax over the non-target
-  classes with the target excluded exactly): a probability that underflows to 0 meets a finite log and
-  contributes exactly 0, never ``0 * inf``. Logits of +-1e4 give finite losses and gradients.
-- Teacher logits, teacher features and teacher weights are constants for the gradient
-  (``jax.lax.stop_gradient`` inside each function; :func:`camkd_feature_weights` has a switch).
-- Per-example losses return ``[B]``; the multi-teacher losses reduce to a scalar with the mean over the
-  batch and, over teachers, the weighted sum (``reduction="sum"``) or that sum divided by K
-  (``reduction="mean"``: CA-MKD's code divides its weighted sums by ``B * K``).
-- ``temperature``, ``alpha``, ``beta``, ``tau`` may be Python floats or traced scalars (pass arrays to a
-  jitted step to avoid recompiling per value). Shapes are checked with chex at trace time; ``scheme`` and
-  ``kind`` are static strings.
+Logits are float ``[B, C]``, labels int ``[B]``; teacher-stacked arrays carry the teacher axis first (``[K, B, C]``,
+``[K, B, H, W, C]``, weights ``[K, B]``). Per-example losses return ``[B]``, multi-teacher losses a scalar. Teacher
+logits, features and weights are constants for the gradient. ``temperature``, ``alpha``, ``beta``, ``tau`` may be
+Python floats or traced scalars; ``scheme``, ``kind`` and ``reduction`` are static strings. How inputs are checked
+and why the losses stay finite: docs/method.md §2 ("Numerics").
 """
 
 from __future__ import annotations
@@ -28,24 +15,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-__all__ = [
-    "WEIGHT_SCHEMES",
-    "LOGIT_LOSS_KINDS",
-    "TEACHER_REDUCTIONS",
-    "cross_entropy",
-    "kd",
-    "tckd",
-    "nckd",
-    "dkd",
-    "entropy",
-    "entropy_weights",
-    "confidence_weights",
-    "camkd_feature_weights",
-    "multi_teacher_logit_loss",
-    "feature_mse",
-    "fitnet_hint_loss",
-]
 
 Scalar = float | jax.Array
 
@@ -124,10 +93,6 @@ def _reduce_teachers(weighted: jax.Array, reduction: str) -> jax.Array:
     return jnp.mean(per_example)
 
 
-def _target_mask(labels: jax.Array, num_classes: int) -> jax.Array:
-    return jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
-
-
 def _logsumexp_excluding(z: jax.Array, mask: jax.Array) -> jax.Array:
     """log sum_{c: not mask} exp(z_c) over the last axis; needs at least one unmasked entry.
 
@@ -156,9 +121,9 @@ def _non_target_log_probs(z: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask, 0.0, log_p_hat)
 
 
-def _kl_from_logs(log_p: jax.Array, log_q: jax.Array, axis: int = -1) -> jax.Array:
-    """KL(p || q) = sum p (log p - log q) from finite log-probabilities."""
-    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=axis)
+def _kl_from_logs(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """KL(p || q) = sum p (log p - log q) over the last axis, from finite log-probabilities."""
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -183,19 +148,23 @@ def kd(student_logits: jax.Array, teacher_logits: jax.Array, temperature: Scalar
     return t**2 * _kl_from_logs(log_pt, log_ps)
 
 
-def tckd(
-    student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, temperature: Scalar
-) -> jax.Array:
+def _decoupled_inputs(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, temperature: Scalar
+                      ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The checked inputs of TCKD/NCKD: ``(z_s / T, z_t / T, target mask [B, C], T)``, the teacher's a constant."""
+    _check_pair(student_logits, teacher_logits)
+    _check_labels(labels, *student_logits.shape, min_classes=2)
+    t = _positive(temperature, "temperature")
+    mask = jax.nn.one_hot(labels, student_logits.shape[-1], dtype=jnp.bool_)
+    return _f32(student_logits) / t, jax.lax.stop_gradient(_f32(teacher_logits)) / t, mask, t
+
+
+def tckd(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, temperature: Scalar) -> jax.Array:
     """Target-class KD (DKD) per example: TCKD = T² · KL(b_t ‖ b_s), b = [p_y, 1 − p_y], p = softmax(z/T).
 
     ``[B, C] x 2, [B] -> [B]``; needs C >= 2.
     """
-    _check_pair(student_logits, teacher_logits)
-    _check_labels(labels, *student_logits.shape, min_classes=2)
-    t = _positive(temperature, "temperature")
-    mask = _target_mask(labels, student_logits.shape[-1])
-    d_s = _target_logit_margin(_f32(student_logits) / t, mask)
-    d_t = _target_logit_margin(jax.lax.stop_gradient(_f32(teacher_logits)) / t, mask)
+    z_s, z_t, mask, t = _decoupled_inputs(student_logits, teacher_logits, labels, temperature)
+    d_s, d_t = _target_logit_margin(z_s, mask), _target_logit_margin(z_t, mask)
     # With b = sigmoid(d), KL(b_teacher || b_student) equals the Bregman divergence of softplus,
     #   softplus(d_s) − softplus(d_t) − sigmoid(d_t) · (d_s − d_t),
     # finite for any finite d. For a small TCKD it loses about 10x less float32 accuracy to cancellation
@@ -204,41 +173,26 @@ def tckd(
     return t**2 * kl
 
 
-def nckd(
-    student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, temperature: Scalar
-) -> jax.Array:
+def nckd(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, temperature: Scalar) -> jax.Array:
     """Non-target-class KD (DKD) per example: NCKD = T² · KL(p̂_t ‖ p̂_s).
 
     p̂ = softmax of z/T over the C − 1 non-target classes (the target class removed exactly, not by a
     finite offset). ``[B, C] x 2, [B] -> [B]``; needs C >= 2.
     """
-    _check_pair(student_logits, teacher_logits)
-    _check_labels(labels, *student_logits.shape, min_classes=2)
-    t = _positive(temperature, "temperature")
-    mask = _target_mask(labels, student_logits.shape[-1])
-    log_ps = _non_target_log_probs(_f32(student_logits) / t, mask)
-    log_pt = _non_target_log_probs(jax.lax.stop_gradient(_f32(teacher_logits)) / t, mask)
+    z_s, z_t, mask, t = _decoupled_inputs(student_logits, teacher_logits, labels, temperature)
+    log_ps, log_pt = _non_target_log_probs(z_s, mask), _non_target_log_probs(z_t, mask)
     # Both placeholders are 0 at the target, so its term is exp(0) * (0 - 0) = 0 exactly.
     return t**2 * _kl_from_logs(log_pt, log_ps)
 
 
-def dkd(
-    student_logits: jax.Array,
-    teacher_logits: jax.Array,
-    labels: jax.Array,
-    alpha: Scalar,
-    beta: Scalar,
-    temperature: Scalar,
-) -> jax.Array:
+def dkd(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, alpha: Scalar, beta: Scalar,
+        temperature: Scalar) -> jax.Array:
     """Decoupled KD per example: DKD = α · TCKD + β · NCKD (Zhao et al., CVPR 2022). ``-> [B]``.
 
     With α = β = 1 this is not KD: KD = TCKD + (1 − p_y^teacher) · NCKD.
     """
-    alpha = _scalar(alpha, "alpha")
-    beta = _scalar(beta, "beta")
-    return alpha * tckd(student_logits, teacher_logits, labels, temperature) + beta * nckd(
-        student_logits, teacher_logits, labels, temperature
-    )
+    return (_scalar(alpha, "alpha") * tckd(student_logits, teacher_logits, labels, temperature)
+            + _scalar(beta, "beta") * nckd(student_logits, teacher_logits, labels, temperature))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -258,24 +212,14 @@ def entropy(logits: jax.Array, temperature: Scalar = 1.0) -> jax.Array:
     return -jnp.sum(jnp.exp(log_q) * log_q, axis=-1)
 
 
-def entropy_weights(
-    teacher_logits: jax.Array,
-    scheme: str = "camkd",
-    temperature: Scalar = 1.0,
-    tau: Scalar = 1.0,
-) -> jax.Array:
-    """Per-example teacher weights from the entropy of each teacher's prediction. ``[K, B, C] -> [K, B]``.
+def entropy_weights(teacher_logits: jax.Array, scheme: str = "camkd", temperature: Scalar = 1.0,
+                    tau: Scalar = 1.0) -> jax.Array:
+    """Per-example teacher weights from the entropy H_k of each teacher's prediction at T_w = ``temperature``,
+    lower entropy, larger weight (docs/method.md §2). ``[K, B, C] -> [K, B]``, constants for the gradient.
 
-    H_k(x) = entropy(z_k(x), T_w) with T_w = ``temperature``; lower entropy -> larger weight. Schemes
-    (docs/method.md §2):
-
-    - ``"camkd"`` (default): w_k = (1 − softmax_k(H_k)) / (K − 1); Σ_k w_k = 1; needs K >= 2.
-    - ``"softmax"``: w_k = softmax_k(−H_k / τ); Σ_k w_k = 1.
-    - ``"ebkd"``: w_k = 1 − H_k / Σ_j H_j (EBKD, not renormalised); Σ_k w_k = K − 1; needs K >= 2. When
-      every teacher is one-hot (Σ_j H_j = 0, not only 0/0 in float32) the ratio is taken as 1/K.
-    - ``"uniform"``: w_k = 1 / K (AVER).
-
-    The weights are constants for the gradient (the logits are stop_gradient-ed).
+    ``"camkd"`` (default) and ``"softmax"`` sum to 1 over the teachers, ``"ebkd"`` (not renormalised) to K − 1;
+    both need K >= 2. When every teacher is one-hot (Σ_j H_j = 0, not only 0/0 in float32) ebkd takes the ratio
+    H_k / Σ_j H_j as 1/K.
     """
     if scheme not in WEIGHT_SCHEMES:
         raise ValueError(f"unknown weight scheme {scheme!r}; expected one of: {', '.join(WEIGHT_SCHEMES)}")
@@ -297,34 +241,26 @@ def entropy_weights(
 
 
 def _confidence_weights(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    k = logits.shape[0]
     ce = jax.vmap(cross_entropy, in_axes=(0, None))(logits, labels)  # [K, B]
-    return (1.0 - jax.nn.softmax(ce, axis=0)) / (k - 1)
+    return (1.0 - jax.nn.softmax(ce, axis=0)) / (logits.shape[0] - 1)
 
 
 def confidence_weights(teacher_logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """CA-MKD's label-based teacher weights. ``[K, B, C], [B] -> [K, B]``.
+    """CA-MKD's label-based teacher weights w_k = (1 − softmax_k(CE(z_k, y))) / (K − 1), constants for the gradient.
 
-    w_k(x) = (1 − softmax_k(CE(z_k(x), y))) / (K − 1); Σ_k w_k = 1; needs K >= 2. Constant for the
-    gradient.
+    ``[K, B, C], [B] -> [K, B]``; Σ_k w_k = 1; needs K >= 2.
     """
     _check_teachers(teacher_logits, "confidence_weights", min_teachers=2)
     _check_labels(labels, *teacher_logits.shape[1:])
     return _confidence_weights(jax.lax.stop_gradient(_f32(teacher_logits)), labels)
 
 
-def camkd_feature_weights(
-    head_logits: jax.Array, labels: jax.Array, *, stop_gradient: bool = True
-) -> jax.Array:
-    """CA-MKD's feature-loss teacher weights. ``[K, B, C], [B] -> [K, B]``.
+def camkd_feature_weights(head_logits: jax.Array, labels: jax.Array, *, stop_gradient: bool = True) -> jax.Array:
+    """CA-MKD's feature-loss teacher weights: :func:`confidence_weights` of ``head_logits [K, B, C]``.
 
-    ``head_logits[k]`` is teacher k's classifier head applied to the (pooled) projected student feature
-    r_k(f_s) (``teacher.apply(vars_k, projected[k], method="head")``); the weights are
-    w_k = (1 − softmax_k(CE(head_logits_k, y))) / (K − 1), as :func:`confidence_weights`.
-
-    CA-MKD's reference implementation lets the gradient flow through these weights into the student and
-    the connectors (``stop_gradient=False``, what method ``camkd`` uses by default); ``True`` makes them
-    constants like every other teacher weight.
+    ``head_logits[k]`` is teacher k's classifier head applied to the projected student feature r_k(f_s)
+    (``teacher.apply(vars_k, projected[k], method="head")``). CA-MKD's code lets the gradient flow through these
+    weights into the student and the connectors (``stop_gradient=False``, method ``camkd``'s default).
     """
     _check_teachers(head_logits, "camkd_feature_weights", min_teachers=2)
     _check_labels(labels, *head_logits.shape[1:])
@@ -338,24 +274,13 @@ def camkd_feature_weights(
 # Multi-teacher losses.
 
 
-def multi_teacher_logit_loss(
-    student_logits: jax.Array,
-    teacher_logits: jax.Array,
-    labels: jax.Array,
-    weights: jax.Array,
-    *,
-    kind: str = "dkd",
-    alpha: Scalar = 1.0,
-    beta: Scalar = 8.0,
-    temperature: Scalar = 4.0,
-    reduction: str = "sum",
-) -> jax.Array:
+def multi_teacher_logit_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
+                             weights: jax.Array, *, kind: str = "dkd", alpha: Scalar = 1.0, beta: Scalar = 8.0,
+                             temperature: Scalar = 4.0, reduction: str = "sum") -> jax.Array:
     """Weighted multi-teacher logit loss L = mean_x Σ_k w_k(x) · ℓ(z_s(x), z_k(x), y). Scalar.
 
     ``kind="dkd"``: ℓ = DKD(α, β, T) (DE-MKD); ``kind="kd"``: ℓ = KD(T) (AVER, EBKD, CA-MKD baselines;
-    ``labels``, ``alpha`` and ``beta`` are then unused). ``reduction="mean"`` divides the sum over teachers
-    by K. Shapes: student ``[B, C]``, teachers ``[K, B, C]``, labels ``[B]``, weights ``[K, B]`` (constant
-    for the gradient).
+    ``labels``, ``alpha`` and ``beta`` are then unused). ``reduction="mean"`` divides the sum over teachers by K.
     """
     if kind not in LOGIT_LOSS_KINDS:
         raise ValueError(f"unknown logit loss kind {kind!r}; expected one of: {', '.join(LOGIT_LOSS_KINDS)}")
@@ -368,25 +293,16 @@ def multi_teacher_logit_loss(
         per_teacher = jax.vmap(lambda z_k: dkd(student_logits, z_k, labels, alpha, beta, temperature))
     else:
         per_teacher = jax.vmap(lambda z_k: kd(student_logits, z_k, temperature))
-    losses = per_teacher(teacher_logits)  # [K, B]
-    w = jax.lax.stop_gradient(_f32(weights))
-    return _reduce_teachers(w * losses, reduction)
+    return _reduce_teachers(jax.lax.stop_gradient(_f32(weights)) * per_teacher(teacher_logits), reduction)
 
 
-def feature_mse(
-    student_projected: jax.Array,
-    teacher_features: jax.Array,
-    weights: jax.Array,
-    *,
-    reduction: str = "sum",
-    detach_weights: bool = True,
-) -> jax.Array:
+def feature_mse(student_projected: jax.Array, teacher_features: jax.Array, weights: jax.Array, *,
+                reduction: str = "sum", detach_weights: bool = True) -> jax.Array:
     """Weighted multi-teacher feature loss L_feat = mean_x Σ_k w_k(x) · mean_{h,w,c} (r_k(f_s) − f_k)². Scalar.
 
-    ``student_projected[k]`` = r_k(f_s), the student map through teacher k's connector; all ``[K, B, H, W, C]``;
-    weights ``[K, B]``. ``reduction="mean"`` divides the sum over teachers by K. Teacher features are
-    constants for the gradient; so are the weights unless ``detach_weights=False`` (CA-MKD's feature term,
-    whose weights depend on the student).
+    ``student_projected[k]`` = r_k(f_s), the student map through teacher k's connector, ``[K, B, H, W, C]``.
+    ``reduction="mean"`` divides the sum over teachers by K. The weights are constants for the gradient unless
+    ``detach_weights=False`` (CA-MKD's feature term, whose weights depend on the student).
     """
     chex.assert_rank([student_projected, teacher_features], 5)
     chex.assert_equal_shape([student_projected, teacher_features])
@@ -402,8 +318,8 @@ def feature_mse(
 def fitnet_hint_loss(student_projected: jax.Array, teacher_hints: jax.Array) -> jax.Array:
     """FitNet-MKD hint loss: (1/K) Σ_k mean_{b,h,w,c} (r_k(f_s) − f_k)². Scalar.
 
-    ``[K, B, H, W, C] x 2``; the hints are constants for the gradient. The weight λ (100 in docs/method.md
-    section 5) is applied by the trainer.
+    ``[K, B, H, W, C] x 2``; the hints are constants for the gradient. The trainer applies the weight λ (100,
+    docs/method.md §4).
     """
     chex.assert_rank([student_projected, teacher_hints], 5)
     chex.assert_equal_shape([student_projected, teacher_hints])
