@@ -1,13 +1,7 @@
-"""The statistics of a results table: intervals over seeds, paired differences, Holm's correction, verdicts.
+"""The statistics of a results table: t intervals over seeds, paired t-tests, Holm's correction, verdicts.
 
-Pure functions of plain numbers (t quantiles from scipy, which scikit-learn already requires).
-
-- :func:`t_interval`: mean, sample std and the two-sided Student-t confidence interval of a sample.
-- :func:`paired_differences`: ``a - b`` over the keys both runs have (a key = one matched pair: the same data
-  seed and student seed), and :func:`paired_t_p_value`, the two-sided p-value of the paired t-test.
-- :func:`holm`: Holm's step-down adjusted p-values, decisions, and the per-comparison levels of the intervals
-  that agree with those decisions.
-- :func:`verdict`: the evidence rule of a DE-MKD-vs-baseline comparison.
+Pure functions of plain numbers. A paired difference is taken over one matched pair of runs: the same data seed and
+student seed.
 """
 
 from __future__ import annotations
@@ -17,8 +11,6 @@ import math
 from typing import Hashable, Mapping, Sequence
 
 from scipy import stats as scipy_stats
-
-__all__ = ["Interval", "t_interval", "paired_differences", "paired_t_p_value", "holm", "verdict"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +103,8 @@ def holm(p_values: Sequence[float], alpha: float = 0.05) -> tuple[list[float], l
 
 
 def verdict(low: float | None, high: float | None, margin: float = 0.3) -> str:
-    """"wins" if the interval's lower bound is > 0, "does not win" if its upper bound is < ``margin``, else
-    "undecided" (also without an interval)."""
+    """The evidence rule of a DE-MKD-vs-baseline interval of differences: "wins" if its lower bound is > 0, "does
+    not win" if its upper bound is < ``margin``, else "undecided" (also without an interval)."""
     if low is None or high is None:
         return "undecided"
     if low > 0.0:
