@@ -32,11 +32,6 @@ class Method:
     def reference(self) -> str:
         return _REFERENCES[self.name]
 
-    @property
-    def optional_features(self) -> bool:
-        """``config.distill.features`` switches the feature term (DE-MKD, CA-MKD); FitNet's hint is the method."""
-        return self.feature_term in ("feature", "camkd")
-
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     #      name           logit  weighting     reduction feature    CE   KD   warm-up teachers nesterov
@@ -84,6 +79,7 @@ class Resolved:
     warmup_epochs: int
     reduction: str
     feature_term: str  # "none" when config.distill.features switches an optional feature term off
+    feature_weight: float  # λ: distill.hint_weight for FitNet's hint, distill.feature_weight otherwise
     nesterov: bool
 
 
@@ -91,7 +87,9 @@ def resolve(config) -> Resolved:
     """The method of ``config`` with its overrides (``None``/``-1`` in the config: the method's default)."""
     distill = config.distill
     method = get(distill.method)
-    feature = method.feature_term if (not method.optional_features or bool(distill.features)) else "none"
+    # config.distill.features switches the feature term of DE-MKD and CA-MKD; FitNet's hint is the method.
+    optional = method.feature_term in ("feature", "camkd")
+    feature = "none" if optional and not distill.features else method.feature_term
     return Resolved(
         method=method,
         ce_weight=float(method.ce_weight if distill.ce_weight is None else distill.ce_weight),
@@ -99,6 +97,7 @@ def resolve(config) -> Resolved:
         warmup_epochs=int(method.warmup_epochs if distill.warmup_epochs < 0 else distill.warmup_epochs),
         reduction=str(distill.teacher_reduction if method.reduction == "config" else method.reduction),
         feature_term=feature,
+        feature_weight=float(distill.hint_weight if feature == "hint" else distill.feature_weight),
         nesterov=bool(method.nesterov if config.optim.nesterov is None else config.optim.nesterov),
     )
 
@@ -161,8 +160,3 @@ def feature_term(r: Resolved, projected: jax.Array, teacher_features: jax.Array,
         return losses.feature_mse(projected, teacher_features, feat_weights, reduction=r.reduction,
                                   detach_weights=detach)
     raise ValueError(f"method {r.method.name!r} has no feature term")
-
-
-def feature_weight(r: Resolved, distill) -> float:
-    """λ of the feature term: ``hint_weight`` for FitNet's hint, ``feature_weight`` otherwise."""
-    return float(distill.hint_weight if r.feature_term == "hint" else distill.feature_weight)

@@ -258,7 +258,7 @@ def test_fitnet_hint_is_the_mean_over_teachers():
     projected, t_feats, _, y = _feature_inputs(k, seed=5)
     c = _config(method="fitnet_mkd")
     r = methods.resolve(c)
-    assert r.feature_term == "hint" and methods.feature_weight(r, c.distill) == c.distill.hint_weight
+    assert r.feature_term == "hint" and r.feature_weight == c.distill.hint_weight
     got = methods.feature_term(r, projected, t_feats, None, None, y, c.distill)
     want = np.mean([np.square(np.asarray(projected[i] - t_feats[i])).mean() for i in range(k)])
     np.testing.assert_allclose(got, want, rtol=1e-5)
