@@ -23,10 +23,6 @@ LOGIT_LOSS_KINDS: tuple[str, ...] = ("dkd", "kd")
 TEACHER_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
 
 
-# --------------------------------------------------------------------------------------------------------
-# Helpers.
-
-
 def _f32(x: Any) -> jax.Array:
     return jnp.asarray(x).astype(jnp.float32)
 
@@ -38,14 +34,10 @@ def _scalar(x: Scalar, name: str) -> jax.Array:
     return x
 
 
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def _positive(x: Scalar, name: str) -> jax.Array:
     """A scalar that must be > 0 (a temperature divides the logits): checked when it is concrete."""
     checked = _scalar(x, name)
-    if _is_concrete(x) and not float(np.asarray(x)) > 0:
+    if not isinstance(x, jax.core.Tracer) and not float(np.asarray(x)) > 0:
         raise ValueError(f"{name} must be > 0, got {float(np.asarray(x))!r}")
     return checked
 
@@ -68,7 +60,7 @@ def _check_labels(labels: jax.Array, batch: int, num_classes: int, *, min_classe
     chex.assert_shape(labels, (batch,))
     if num_classes < min_classes:
         raise ValueError(f"need at least {min_classes} classes, got logits with C = {num_classes}")
-    if _is_concrete(labels) and batch:
+    if not isinstance(labels, jax.core.Tracer) and batch:
         values = np.asarray(labels)
         low, high = int(values.min()), int(values.max())
         if low < 0 or high >= num_classes:
@@ -94,21 +86,17 @@ def _reduce_teachers(weighted: jax.Array, reduction: str) -> jax.Array:
 
 
 def _logsumexp_excluding(z: jax.Array, mask: jax.Array) -> jax.Array:
-    """log sum_{c: not mask} exp(z_c) over the last axis; needs at least one unmasked entry.
-
-    The masked entries are set to -inf *before* exp, so exp gives exactly 0 there and its derivative is
-    0 (not inf * 0); ``jnp.where`` then sends a zero cotangent to the masked logits.
-    """
+    """log sum_{c: not mask} exp(z_c) over the last axis; needs at least one unmasked entry. The masked entries are
+    -inf *before* exp: exp is exactly 0 there with derivative 0 (not inf * 0), and ``jnp.where`` sends a zero
+    cotangent to the masked logits."""
     z_nt = jnp.where(mask, -jnp.inf, z)
     m = jax.lax.stop_gradient(jnp.max(z_nt, axis=-1, keepdims=True))
     return m[..., 0] + jnp.log(jnp.sum(jnp.exp(z_nt - m), axis=-1))
 
 
 def _target_logit_margin(z: jax.Array, mask: jax.Array) -> jax.Array:
-    """d = z_y − logsumexp_{c != y} z_c, so that p_y = softmax(z)_y = sigmoid(d) exactly.
-
-    Finite for finite z; carries the binary (target / non-target) distribution without forming p_y.
-    """
+    """d = z_y − logsumexp_{c != y} z_c, so that p_y = softmax(z)_y = sigmoid(d) exactly: finite for finite z, it
+    carries the binary (target / non-target) distribution without forming p_y."""
     z_t = jnp.sum(jnp.where(mask, z, 0.0), axis=-1)
     return z_t - _logsumexp_excluding(z, mask)
 
@@ -124,10 +112,6 @@ def _non_target_log_probs(z: jax.Array, mask: jax.Array) -> jax.Array:
 def _kl_from_logs(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     """KL(p || q) = sum p (log p - log q) over the last axis, from finite log-probabilities."""
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Per-example losses.
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -165,10 +149,8 @@ def tckd(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array
     """
     z_s, z_t, mask, t = _decoupled_inputs(student_logits, teacher_logits, labels, temperature)
     d_s, d_t = _target_logit_margin(z_s, mask), _target_logit_margin(z_t, mask)
-    # With b = sigmoid(d), KL(b_teacher || b_student) equals the Bregman divergence of softplus,
-    #   softplus(d_s) − softplus(d_t) − sigmoid(d_t) · (d_s − d_t),
-    # finite for any finite d. For a small TCKD it loses about 10x less float32 accuracy to cancellation
-    # than the two-term sum over {target, non-target}; what is left comes from rounding d itself.
+    # With b = sigmoid(d), KL(b_teacher || b_student) is the Bregman divergence of softplus: finite for any finite d,
+    # and for a small TCKD about 10x less float32 cancellation than the two-term sum over {target, non-target}.
     kl = jax.nn.softplus(d_s) - jax.nn.softplus(d_t) - jax.nn.sigmoid(d_t) * (d_s - d_t)
     return t**2 * kl
 
@@ -193,10 +175,6 @@ def dkd(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
     """
     return (_scalar(alpha, "alpha") * tckd(student_logits, teacher_logits, labels, temperature)
             + _scalar(beta, "beta") * nckd(student_logits, teacher_logits, labels, temperature))
-
-
-# --------------------------------------------------------------------------------------------------------
-# Teacher weights.
 
 
 def entropy(logits: jax.Array, temperature: Scalar = 1.0) -> jax.Array:
@@ -240,7 +218,10 @@ def entropy_weights(teacher_logits: jax.Array, scheme: str = "camkd", temperatur
     return 1.0 - ratio
 
 
-def _confidence_weights(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def _confidence_weights(logits: jax.Array, labels: jax.Array, what: str, stop_gradient: bool) -> jax.Array:
+    _check_teachers(logits, what, min_teachers=2)
+    _check_labels(labels, *logits.shape[1:])
+    logits = jax.lax.stop_gradient(_f32(logits)) if stop_gradient else _f32(logits)
     ce = jax.vmap(cross_entropy, in_axes=(0, None))(logits, labels)  # [K, B]
     return (1.0 - jax.nn.softmax(ce, axis=0)) / (logits.shape[0] - 1)
 
@@ -250,9 +231,7 @@ def confidence_weights(teacher_logits: jax.Array, labels: jax.Array) -> jax.Arra
 
     ``[K, B, C], [B] -> [K, B]``; Σ_k w_k = 1; needs K >= 2.
     """
-    _check_teachers(teacher_logits, "confidence_weights", min_teachers=2)
-    _check_labels(labels, *teacher_logits.shape[1:])
-    return _confidence_weights(jax.lax.stop_gradient(_f32(teacher_logits)), labels)
+    return _confidence_weights(teacher_logits, labels, "confidence_weights", stop_gradient=True)
 
 
 def camkd_feature_weights(head_logits: jax.Array, labels: jax.Array, *, stop_gradient: bool = True) -> jax.Array:
@@ -262,16 +241,7 @@ def camkd_feature_weights(head_logits: jax.Array, labels: jax.Array, *, stop_gra
     (``teacher.apply(vars_k, projected[k], method="head")``). CA-MKD's code lets the gradient flow through these
     weights into the student and the connectors (``stop_gradient=False``, method ``camkd``'s default).
     """
-    _check_teachers(head_logits, "camkd_feature_weights", min_teachers=2)
-    _check_labels(labels, *head_logits.shape[1:])
-    logits = _f32(head_logits)
-    if stop_gradient:
-        logits = jax.lax.stop_gradient(logits)
-    return _confidence_weights(logits, labels)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Multi-teacher losses.
+    return _confidence_weights(head_logits, labels, "camkd_feature_weights", stop_gradient)
 
 
 def multi_teacher_logit_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
