@@ -53,10 +53,9 @@ def check_config_file(value: str) -> None:
     if not path.is_file() and ":" in value:
         path = pathlib.Path(value.split(":", 1)[0])
     what = f"--config {str(path)!r}"
-    if not path.exists():
-        _fail(f"{what} does not exist; expected a config file such as configs/vgg8.py")
     if not path.is_file():
-        _fail(f"{what} is not a file; expected a config file such as configs/vgg8.py")
+        _fail(f"{what} {'is not a file' if path.exists() else 'does not exist'}; expected a config file such as "
+              "configs/vgg8.py")
     try:
         source = path.read_bytes()
     except OSError as e:

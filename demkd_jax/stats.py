@@ -28,21 +28,16 @@ class Interval:
         return dataclasses.asdict(self)
 
 
-def _check_sample(values: Sequence[float]) -> list[float]:
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
+    """``mean ± t_{(1+c)/2, n-1} * s / sqrt(n)`` with ``s`` the sample std; no interval for one value."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     values = [float(v) for v in values]
     if not values:
         raise ValueError("a statistic needs at least one value, got an empty sample")
     bad = [v for v in values if not math.isfinite(v)]
     if bad:
         raise ValueError(f"a statistic needs finite values, got {bad[0]!r}")
-    return values
-
-
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
-    """``mean ± t_{(1+c)/2, n-1} * s / sqrt(n)`` with ``s`` the sample std; no interval for one value."""
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    values = _check_sample(values)
     n = len(values)
     mean = math.fsum(values) / n
     if n == 1:
