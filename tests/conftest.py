@@ -51,7 +51,7 @@ def shared_data() -> pathlib.Path:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A tiny training setup shared by the trainer-level tests (test_reliability; test_train keeps its own copy).
+# A tiny training setup shared by the trainer-level tests.
 
 TINY_CLASSES = 10
 
