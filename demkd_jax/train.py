@@ -1,15 +1,14 @@
 """Training: teacher ensembles and multi-teacher distillation, one jit-compiled step.
 
-``train_and_evaluate(config, workdir)`` is the entry point (``main.py`` is a thin CLI around it). Its phases:
-load and check the data; train the teachers (:func:`train_teachers`, when the config names none) or load them;
-then :func:`fit` (set up, restore or initialise, train and evaluate epoch by epoch, write the summary); a
-teacher-ensemble run finally exports its members (:func:`export_teachers`).
+``train_and_evaluate(config, workdir)`` is the entry point (``main.py`` is a thin CLI around it): it checks the
+data, trains the teachers (:func:`train_teachers`, when the config names none) or loads them, then runs :func:`fit`
+(restore or initialise, train and evaluate epoch by epoch, write the summary).
 
-One step (:func:`make_train_step`) runs, inside a single XLA graph: batch selection and augmentation of the
-on-device dataset -> the K frozen teachers' forwards (teacher variables stacked on a leading axis, vmapped
-or unrolled) -> teacher weights -> the losses -> gradients of the student and its connectors -> the SGD
-update -> metrics. Students carry a leading *replica* axis: R independently initialised students (seeds,
-or the members of a teacher ensemble) that share the batch and the teachers' forward.
+One step (:func:`make_train_step`) is a single XLA graph: batch selection and augmentation of the on-device dataset
+-> the K frozen teachers' forwards (variables stacked on a leading axis, vmapped or unrolled) -> teacher weights ->
+the losses -> gradients of the student and its connectors -> the SGD update -> metrics. Students carry a leading
+*replica* axis: R independently initialised students (seeds, or the members of a teacher ensemble) that share the
+batch and the teachers' forward.
 """
 
 from __future__ import annotations
@@ -76,21 +75,60 @@ class RunSpec:
     num_train: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    mesh: jax.sharding.Mesh | None = None  # the "data" axis (demkd_jax.parallel); None: no constraints
+    mesh: jax.sharding.Mesh  # the "data" axis (demkd_jax.parallel)
 
     @property
-    def replicated(self) -> jax.sharding.Sharding | None:
+    def replicated(self) -> jax.sharding.Sharding:
         """State, teachers, permutation, metrics: a copy on every device of the mesh."""
-        return None if self.mesh is None else parallel.replicated(self.mesh)
+        return parallel.replicated(self.mesh)
 
     @property
-    def dataset_sharding(self) -> jax.sharding.Sharding | None:
+    def dataset_sharding(self) -> jax.sharding.Sharding:
         """The on-device splits: replicated or row-sharded (``config.mesh.dataset``)."""
-        return None if self.mesh is None else parallel.dataset_sharding(self.mesh, self.config.mesh.dataset)
+        return parallel.dataset_sharding(self.mesh, self.config.mesh.dataset)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Small pieces
+def _feature_shapes(model: nn.Module, variables: Params | None, image_shape) -> list:
+    x0 = jnp.zeros((2, *image_shape), jnp.float32)
+    init = (lambda: model.init(jax.random.PRNGKey(0), x0, train=False)) if variables is None else (lambda: variables)
+    return jax.eval_shape(lambda: model.apply(init(), x0, train=False)[1])
+
+
+def build_setup(config, ds, teachers: Teachers | None) -> RunSpec:
+    """The static description of the run: models, connectors, optimizer, execution modes."""
+    dtype = jnp.dtype(config.dtype)
+    resolved = methods.resolve(config)
+    image_shape = tuple(int(n) for n in ds.train_images.shape[1:])
+    n_train = ds.train_images.shape[0]
+    steps_per_epoch = n_train // config.batch_size
+    student = models.create_model(config.student.model, ds.num_classes, dtype, width=config.student.width,
+                                  winograd=resolve_winograd(config.student.winograd, dtype))
+    teacher = None
+    if teachers is not None:
+        teacher = models.create_model(teachers.model_name, ds.num_classes, dtype, width=teachers.width,
+                                      fold_bn=teachers.folded,
+                                      winograd=resolve_winograd(config.teachers.winograd, dtype))
+    num_teachers = 0 if teachers is None else jax.tree_util.tree_leaves(teachers.variables)[0].shape[0]
+    feature_index = connector = None
+    if resolved.feature_term != "none":
+        feature_index = config.distill.hint_layer if resolved.feature_term == "hint" else -2
+        s_feats = _feature_shapes(student, None, image_shape)
+        t_feats = _feature_shapes(teacher, jax.tree_util.tree_map(lambda a: a[0], teachers.variables), image_shape)
+        validation.check_feature_index(feature_index, "student", config.student.model, len(s_feats) - 1)
+        validation.check_feature_index(feature_index, "teacher", teachers.model_name, len(t_feats) - 1)
+        t_shape = t_feats[feature_index].shape
+        connector = models.StackedConnector(num_teachers=num_teachers, out_channels=t_shape[-1],
+                                            out_size=(t_shape[1], t_shape[2]), dtype=dtype)
+    schedule = lr_schedule(config, steps_per_epoch)
+    return RunSpec(
+        config=config, method=resolved, student=student, teacher=teacher, connector=connector,
+        tx=make_optimizer(config, schedule, resolved.nesterov), lr_schedule=schedule, image_shape=image_shape,
+        data_order=config_lib.data_order(config),
+        steps_per_epoch=steps_per_epoch, num_replicas=config_lib.num_replicas(config), num_teachers=num_teachers,
+        replica_execution=resolve_execution(config.execution),
+        teacher_execution=resolve_execution(config.teachers.execution), feature_index=feature_index,
+        num_train=n_train, mean=tuple(float(m) for m in ds.mean), std=tuple(float(v) for v in ds.std),
+        mesh=parallel.make_mesh(config))
 
 
 def resolve_execution(value: str) -> str:
@@ -108,11 +146,8 @@ def resolve_winograd(value: str, dtype) -> bool:
 
 
 def map_stacked(fn: Callable, execution: str, stacked: Any, *shared: Any) -> Any:
-    """Applies ``fn(member, *shared)`` to every member of a pytree stacked on axis 0.
-
-    ``vmap`` batches the members; ``loop`` unrolls them at trace time (same graph, K separate convolutions)
-    and stacks the results.
-    """
+    """``fn(member, *shared)`` for every member of a pytree stacked on axis 0, stacked: ``vmap`` batches the
+    members, ``loop`` unrolls them at trace time (K separate convolutions in one graph)."""
     if execution == "vmap":
         return jax.vmap(fn, in_axes=(0,) + (None,) * len(shared))(stacked, *shared)
     n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
@@ -121,11 +156,8 @@ def map_stacked(fn: Callable, execution: str, stacked: Any, *shared: Any) -> Any
 
 
 def data_keys(config) -> jax.Array:
-    """The key(s) of the data order and augmentation, functions of the seed only.
-
-    ``shared`` data order: one key, every replica sees the same batches. ``per_replica``: ``[R]`` keys, one
-    independent stream per replica.
-    """
+    """The key(s) of the data order and augmentation, functions of the seed only: one (``shared`` data order: every
+    replica sees the same batches) or ``[R]``, one independent stream per replica."""
     base = jax.random.PRNGKey(config.seed)
     if config_lib.data_order(config) == "shared":
         return base
@@ -135,11 +167,8 @@ def data_keys(config) -> jax.Array:
 
 def epoch_permutation_fn(config, num_train: int, sharding: jax.sharding.Sharding | None = None
                          ) -> Callable[[int], jax.Array]:
-    """``epoch -> permutation`` (1-based epochs), jitted; the order of the training set in that epoch.
-
-    ``[N]``, or ``[R, N]`` (one order per replica) with the per-replica data order. ``sharding``: where the
-    permutation is placed (the trainer: replicated on the mesh, a global array).
-    """
+    """Jitted ``epoch -> permutation`` (1-based epochs): the order of the training set in that epoch, ``[N]`` or
+    (per-replica data order) ``[R, N]``, placed with ``sharding`` (the trainer: replicated on the mesh)."""
     keys = data_keys(config)
     one = lambda key, e: data_lib.epoch_permutation(key, e, num_train)
     perm = one if keys.ndim == 1 else jax.vmap(one, in_axes=(0, None))
@@ -147,16 +176,10 @@ def epoch_permutation_fn(config, num_train: int, sharding: jax.sharding.Sharding
     return lambda epoch: fn(jnp.int32(epoch - 1))
 
 
-def compute_dtype(config) -> jnp.dtype:
-    return jnp.dtype(config.dtype)
-
-
 def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-    """Step decay as PyTorch's ``MultiStepLR`` stepped once per epoch (and CRD's ``adjust_learning_rate``).
-
-    Epoch e (1-based) runs at ``learning_rate * lr_decay_rate ** n``, n = how many entries of
-    ``lr_decay_epochs`` are < e; an epoch listed twice decays twice.
-    """
+    """Step decay as PyTorch's ``MultiStepLR`` stepped once per epoch (and CRD's ``adjust_learning_rate``): epoch e
+    (1-based) runs at ``learning_rate * lr_decay_rate ** n``, n = how many entries of ``lr_decay_epochs`` are < e
+    (an epoch listed twice decays twice)."""
     optim = config.optim
     counts = collections.Counter(int(e) for e in optim.lr_decay_epochs if int(e) < config.num_epochs)
     boundaries = {e * steps_per_epoch: optim.lr_decay_rate ** n for e, n in sorted(counts.items())}
@@ -166,19 +189,13 @@ def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 def make_optimizer(config, schedule: optax.Schedule, nesterov: bool) -> optax.GradientTransformation:
     """PyTorch SGD: coupled L2 weight decay on every parameter, (Nesterov) momentum, the rate from ``schedule``."""
     optim = config.optim
-    return optax.chain(
-        optax.add_decayed_weights(optim.weight_decay),
-        optax.sgd(schedule, momentum=optim.momentum or None, nesterov=bool(nesterov and optim.momentum)),
-    )
+    return optax.chain(optax.add_decayed_weights(optim.weight_decay),
+                       optax.sgd(schedule, momentum=optim.momentum or None, nesterov=bool(nesterov and optim.momentum)))
 
 
 def schedule_count(opt_state: optax.OptState) -> jax.Array:
     """The step count of the optimizer's learning-rate schedule."""
     return optax.tree_utils.tree_get(opt_state, "count")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# State
 
 
 def init_state(setup: RunSpec, rng: jax.Array) -> TrainState:
@@ -202,10 +219,6 @@ def init_state(setup: RunSpec, rng: jax.Array) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=opt_state)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Teachers
-
-
 def teacher_forward(setup: RunSpec, teacher_vars: Params, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """Logits [K,B,C] and, if needed, the distilled feature map [K,B,H,W,C] of the frozen teachers."""
 
@@ -213,16 +226,12 @@ def teacher_forward(setup: RunSpec, teacher_vars: Params, x: jax.Array) -> tuple
         logits, feats = setup.teacher.apply(v, x, train=False)
         return logits, (feats[setup.feature_index] if setup.feature_index is not None else None)
 
-    logits, feats = map_stacked(one, setup.teacher_execution, teacher_vars, x)
-    return jax.lax.stop_gradient(logits), (None if feats is None else jax.lax.stop_gradient(feats))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The step
+    return jax.lax.stop_gradient(map_stacked(one, setup.teacher_execution, teacher_vars, x))
 
 
 def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
@@ -249,7 +258,7 @@ def make_batch_fn(setup: RunSpec) -> Callable:
     """``batch(images, labels, perm, key, step) -> (x, y)``: step ``step``'s batch of the epoch order ``perm``,
     gathered and augmented on the device with the stream ``key``."""
     config = setup.config
-    dtype = compute_dtype(config)
+    dtype = jnp.dtype(config.dtype)
     mean = jnp.asarray(setup.mean, jnp.float32)
     std = jnp.asarray(setup.std, jnp.float32)
 
@@ -271,16 +280,14 @@ def make_loss_fn(setup: RunSpec) -> Callable:
     new_batch_stats, student_logits))`` of one student, built from its method's table row (:mod:`methods`)."""
     distill = setup.config.distill
     recipe = setup.method
-    lam = methods.feature_weight(recipe, distill)
     feature_name = "hint" if recipe.feature_term == "hint" else "feature"
 
     def loss_fn(params, batch_stats, x, y, t_logits, t_feats, weights, epoch, teacher_vars):
         variables = {"params": params["student"], "batch_stats": batch_stats["student"]}
         (s_logits, s_feats), s_updates = setup.student.apply(variables, x, train=True, mutable=["batch_stats"])
         new_stats = {"student": s_updates["batch_stats"]}
-        ce = jnp.mean(losses.cross_entropy(s_logits, y))
-        terms = {"ce": ce}
-        total = recipe.ce_weight * ce
+        terms = {"ce": jnp.mean(losses.cross_entropy(s_logits, y))}
+        total = recipe.ce_weight * terms["ce"]
         if recipe.method.logit_loss is not None:
             terms["logit"] = methods.weighted_logit_term(recipe, s_logits, t_logits, y, weights, distill)
             total = total + _ramp(epoch, 1, recipe.warmup_epochs) * terms["logit"]
@@ -297,7 +304,7 @@ def make_loss_fn(setup: RunSpec) -> Callable:
                                           setup.teacher_execution, (teacher_vars, judged))
             terms[feature_name] = methods.feature_term(recipe, projected, t_feats, weights, head_logits, y, distill)
             ramp = _ramp(epoch, distill.feature_start_epoch, distill.feature_warmup_epochs)
-            total = total + ramp * lam * terms[feature_name]
+            total = total + ramp * recipe.feature_weight * terms[feature_name]
         return total, (terms, new_stats, s_logits)
 
     return loss_fn
@@ -306,8 +313,6 @@ def make_loss_fn(setup: RunSpec) -> Callable:
 def make_replica_update(setup: RunSpec, loss_fn: Callable) -> Callable:
     """``update(params, batch_stats, opt_state, x, y, t_logits, t_feats, weights, epoch, teacher_vars)
     -> ((params, batch_stats, opt_state), metrics)``: one student's gradient step; a non-finite step is dropped."""
-    distill = setup.config.distill
-
     def replica_update(params, batch_stats, opt_state, x, y, t_logits, t_feats, weights, epoch, teacher_vars):
         (loss, (terms, new_stats, s_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, batch_stats, x, y, t_logits, t_feats, weights, epoch, teacher_vars)
@@ -317,7 +322,7 @@ def make_replica_update(setup: RunSpec, loss_fn: Callable) -> Callable:
         if setup.connector is not None:
             # PyTorch's SGD skips parameters without a gradient: before the feature term starts, the connectors
             # get neither weight decay nor momentum.
-            frozen = epoch < distill.feature_start_epoch
+            frozen = epoch < setup.config.distill.feature_start_epoch
             new_params = _hold_subtree(frozen, new_params, params, "connectors")
             new_opt_state = _hold_subtree(frozen, new_opt_state, opt_state, "connectors")
         grad_norm = optax.tree.norm(grads)
@@ -327,15 +332,9 @@ def make_replica_update(setup: RunSpec, loss_fn: Callable) -> Callable:
         # schedule still advances, so the learning rate stays a function of the step.
         kept_opt_state = optax.tree_utils.tree_set(_select(ok, new_opt_state, opt_state),
                                                    count=schedule_count(new_opt_state))
-        metrics = {
-            "loss": loss,
-            **terms,
-            "accuracy": jnp.mean(jnp.argmax(s_logits, -1) == y) * 100.0,
-            "grad_norm": grad_norm,
-            "param_norm": optax.tree.norm(params),
-            "lr": lr,
-            "nonfinite": (~ok).astype(jnp.int32),
-        }
+        metrics = {"loss": loss, **terms, "accuracy": jnp.mean(jnp.argmax(s_logits, -1) == y) * 100.0,
+                   "grad_norm": grad_norm, "param_norm": optax.tree.norm(params), "lr": lr,
+                   "nonfinite": (~ok).astype(jnp.int32)}
         return (_select(ok, new_params, params), _select(ok, new_stats, batch_stats), kept_opt_state), metrics
 
     return replica_update
@@ -344,17 +343,14 @@ def make_replica_update(setup: RunSpec, loss_fn: Callable) -> Callable:
 def make_train_step(setup: RunSpec) -> Callable:
     """Returns ``train_step(state, teacher_vars, images, labels, perm) -> (state, metrics)`` (pure, to be jitted).
 
-    ``perm`` is the epoch's permutation of the training set (:func:`epoch_permutation_fn`, computed on the
-    device once per epoch: recomputing a 50k permutation every step would cost more than the augmentation),
-    ``[R, N]`` with the per-replica data order.
+    ``perm``: the epoch's permutation of the training set (``[R, N]`` with the per-replica data order), computed
+    on the device once per epoch: recomputing a 50k permutation every step would cost more than the augmentation.
     """
     distill = setup.config.distill
     keys = data_keys(setup.config)
     per_replica = setup.data_order == "per_replica"
     batch = make_batch_fn(setup)
-    loss_fn = make_loss_fn(setup)
-
-    replica_update = make_replica_update(setup, loss_fn)
+    replica_update = make_replica_update(setup, make_loss_fn(setup))
 
     def train_step(state: TrainState, teacher_vars: Params, images: jax.Array, labels: jax.Array, perm: jax.Array):
         step = state.step
@@ -366,11 +362,9 @@ def make_train_step(setup: RunSpec) -> Callable:
         if setup.teacher is not None:
             t_logits, t_feats = teacher_forward(setup, teacher_vars, x)
             weights = jax.lax.stop_gradient(methods.teacher_weights(setup.method.method.name, t_logits, y, distill))
-            metrics_t = {
-                "teacher_weight": jnp.mean(weights, axis=1),
-                "teacher_entropy": jnp.mean(losses.entropy(t_logits), axis=1),
-                "teacher_accuracy": jnp.mean(jnp.argmax(t_logits, -1) == y[None], axis=1) * 100.0,
-            }
+            metrics_t = {"teacher_weight": jnp.mean(weights, axis=1),
+                         "teacher_entropy": jnp.mean(losses.entropy(t_logits), axis=1),
+                         "teacher_accuracy": jnp.mean(jnp.argmax(t_logits, -1) == y[None], axis=1) * 100.0}
 
         def update(member):
             params, stats, opt = member[:3]
@@ -381,23 +375,16 @@ def make_train_step(setup: RunSpec) -> Callable:
         (params, stats, opt_state), metrics = map_stacked(update, setup.replica_execution, members)
         metrics = {k: (jnp.sum(v) if k == "nonfinite" else jnp.mean(v)) for k, v in metrics.items()}
         metrics.update(metrics_t)
-        new_state = TrainState(step=step + 1, params=params, batch_stats=stats, opt_state=opt_state)
-        return new_state, metrics
+        return TrainState(step=step + 1, params=params, batch_stats=stats, opt_state=opt_state), metrics
 
     return train_step
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
 def make_eval_fn(model: nn.Module, execution: str, num_examples: int, batch_size: int, mean, std, dtype,
                  mesh: jax.sharding.Mesh | None = None) -> Callable:
-    """``eval_fn(stacked_vars, images, labels) -> (correct[R], ensemble_correct)`` over the whole test split.
-
-    Every example is seen exactly once (padded fixed-size batches with a mask); the ensemble prediction is
-    the mean of the members' softmax probabilities. With a ``mesh``, each batch is split along its "data" axis.
-    """
+    """``eval_fn(stacked_vars, images, labels) -> (correct[R], ensemble_correct)`` over the whole test split, each
+    example once (padded fixed-size batches with a mask); the ensemble predicts with the members' mean probability.
+    With a ``mesh``, each batch is split along its "data" axis."""
     num_batches = data_lib.num_eval_batches(num_examples, batch_size)
     mean = jnp.asarray(mean, jnp.float32)
     std = jnp.asarray(std, jnp.float32)
@@ -420,60 +407,37 @@ def make_eval_fn(model: nn.Module, execution: str, num_examples: int, batch_size
     return eval_fn
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Compiled with the mesh's shardings: the same functions on one device or a pod
-
-
 def jit_train_step(setup: RunSpec) -> Callable:
-    """:func:`make_train_step` jitted with explicit in/out shardings over ``setup.mesh``.
-
-    State, teachers and the epoch permutation are replicated, the splits placed as ``config.mesh.dataset``
-    says; the batch is sharded along "data" inside the step. Only the state's buffers are donated.
-    """
+    """:func:`make_train_step` jitted over ``setup.mesh``: state, teachers and the epoch permutation replicated, the
+    splits placed as ``config.mesh.dataset`` says, the batch sharded along "data" inside the step; only the state's
+    buffers are donated."""
     rep, data = setup.replicated, setup.dataset_sharding
     return jax.jit(make_train_step(setup), in_shardings=(rep, rep, data, data, rep), out_shardings=(rep, rep),
                    donate_argnums=(0,))
 
 
-def jit_eval_fn(setup: RunSpec, model: nn.Module, execution: str, num_examples: int, batch_size: int,
-                dtype) -> Callable:
+def jit_eval_fn(setup: RunSpec, model: nn.Module, execution: str, num_examples: int, batch_size: int) -> Callable:
     """:func:`make_eval_fn` over ``setup.mesh``: variables replicated, test split as placed, batches sharded."""
     rep, data = setup.replicated, setup.dataset_sharding
-    fn = make_eval_fn(model, execution, num_examples, batch_size, setup.mean, setup.std, dtype, mesh=setup.mesh)
+    fn = make_eval_fn(model, execution, num_examples, batch_size, setup.mean, setup.std, jnp.dtype(setup.config.dtype),
+                      mesh=setup.mesh)
     return jax.jit(fn, in_shardings=(rep, data, data), out_shardings=rep)
 
 
-def jit_init_state(setup: RunSpec, rng: jax.Array) -> TrainState:
-    """A fresh state, created directly replicated on the mesh (a global array on every host)."""
-    return jax.jit(lambda: init_state(setup, rng), out_shardings=setup.replicated)()
-
-
 def abstract_state(setup: RunSpec, rng: jax.Array) -> TrainState:
-    """Shapes, dtypes and (replicated) shardings of the state: the restore target of a checkpoint.
-
-    With shardings in the target, Orbax restores onto this run's mesh whatever mesh saved the checkpoint.
-    """
-    shapes = jax.eval_shape(lambda: init_state(setup, rng))
-    return shapes if setup.mesh is None else parallel.with_sharding(shapes, setup.replicated)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Teachers: load (or train) and stack
+    """Shapes, dtypes and (replicated) shardings of the state: the restore target of a checkpoint, with which Orbax
+    restores onto this run's mesh whatever mesh saved the checkpoint."""
+    return parallel.with_sharding(jax.eval_shape(lambda: init_state(setup, rng)), setup.replicated)
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The teacher-ensemble run that a distillation config implies when it names no checkpoints."""
     teachers = config.teachers
     teacher_run = ml_collections.ConfigDict(config.to_dict())
+    teacher_run.update(ensemble_size=teachers.num, num_seeds=1, data_order="auto", seed=config.seed + 1000)
     teacher_run.distill.method = "ce"
-    teacher_run.ensemble_size = teachers.num
-    teacher_run.num_seeds = 1
-    teacher_run.data_order = "auto"
-    teacher_run.student.model = teachers.model
-    teacher_run.student.width = teachers.width
-    teacher_run.student.winograd = teachers.winograd
+    teacher_run.student.update(model=teachers.model, width=teachers.width, winograd=teachers.winograd)
     teacher_run.teachers.checkpoints = ()
-    teacher_run.seed = config.seed + 1000
     if teachers.num_epochs > 0:
         teacher_run.num_epochs = teachers.num_epochs
     if teachers.learning_rate > 0:
@@ -483,17 +447,6 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def teacher_dirs(workdir: str | os.PathLike, num: int) -> list[pathlib.Path]:
     return [pathlib.Path(workdir) / f"teacher_{k}" for k in range(num)]
-
-
-def load_teachers(config, dirs, num_classes: int) -> tuple[str, float, Params, list[dict]]:
-    """Restores and checks the teachers; returns (model name, width, variables stacked on axis 0, metadata)."""
-    expected = config.teachers.model or None
-    loaded = [ckpt_lib.load_teacher(d, model_name=expected, num_classes=num_classes) for d in dirs]
-    metas = [m for _, m in loaded]
-    ckpt_lib.require_one_architecture(dirs, metas)
-    name, width = metas[0]["model"], float(metas[0].get("width", 1.0))
-    stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[v for v, _ in loaded])
-    return name, width, stacked, metas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,10 +461,8 @@ class Teachers:
 
 
 def train_teachers(config: ml_collections.ConfigDict, workdir: pathlib.Path, ds: data_lib.Dataset) -> dict:
-    """The teacher phase: trains ``config.ensemble_size`` models with CE in one step, exports each as a teacher.
-
-    Resumable like any run; returns its summary (with ``teacher_dirs``).
-    """
+    """The teacher phase: trains ``config.ensemble_size`` models with CE in one step, exports each as a teacher;
+    resumable like any run. Returns its summary (with ``teacher_dirs``)."""
     validation.validate(config, workdir=str(workdir))
     summary, state = fit(config, workdir, ds, None)
     summary["teacher_dirs"] = [str(d) for d in export_teachers(config, workdir, ds, state, summary)]
@@ -522,8 +473,8 @@ def train_teachers(config: ml_collections.ConfigDict, workdir: pathlib.Path, ds:
 
 def prepare_teachers(config, workdir: pathlib.Path | None, ds: data_lib.Dataset,
                      log: Callable = print) -> Teachers | None:
-    """Loads the configured teacher checkpoints, or runs the teacher phase first (resumably); None for a method
-    without teachers."""
+    """Loads and checks the configured teacher checkpoints, or runs the teacher phase first (resumably); None for a
+    method without teachers."""
     if methods.get(config.distill.method).teachers == "none":
         return None
     if config.teachers.checkpoints:
@@ -536,23 +487,27 @@ def prepare_teachers(config, workdir: pathlib.Path | None, ds: data_lib.Dataset,
             t_config = teacher_config(config)
             with workdir_lib.claimed(t_workdir, t_config, lock=parallel.is_primary(), log=log):
                 train_teachers(t_config, t_workdir, ds)
-    name, width, variables, _ = load_teachers(config, dirs, ds.num_classes)
+    loaded = [ckpt_lib.load_teacher(d, model_name=config.teachers.model or None, num_classes=ds.num_classes)
+              for d in dirs]
+    metas = [m for _, m in loaded]
+    ckpt_lib.require_one_architecture(dirs, metas)
+    variables = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[v for v, _ in loaded])
     if config.teachers.fold_bn:
         variables = jax.vmap(models.fold_batchnorm)(variables)
-    return Teachers(name, width, variables, tuple(dirs), bool(config.teachers.fold_bn))
+    return Teachers(metas[0]["model"], float(metas[0].get("width", 1.0)), variables, tuple(dirs),
+                    bool(config.teachers.fold_bn))
 
 
 def export_teachers(config, workdir: pathlib.Path, ds: data_lib.Dataset, state: TrainState,
                     summary: dict) -> list[pathlib.Path]:
     """Writes every member of a trained ensemble as a teacher checkpoint ``<workdir>/teacher_<k>``."""
-    replicas = config_lib.num_replicas(config)
-    dirs = teacher_dirs(workdir, replicas)
+    dirs = teacher_dirs(workdir, config_lib.num_replicas(config))
     # Every process calls Orbax (it writes once, from process 0); the barrier keeps the other processes from
     # reading teacher.json before process 0 wrote it.
     host_state = jax.device_get(state)
+    students = {"params": host_state.params["student"], "batch_stats": host_state.batch_stats["student"]}
     for k, d in enumerate(dirs):
-        variables = {"params": jax.tree_util.tree_map(lambda a: a[k], host_state.params["student"]),
-                     "batch_stats": jax.tree_util.tree_map(lambda a: a[k], host_state.batch_stats["student"])}
+        variables = jax.tree_util.tree_map(lambda a: a[k], students)
         ckpt_lib.save_teacher(d, variables, model_name=config.student.model, num_classes=ds.num_classes,
                               width=config.student.width,
                               metadata={"test_acc": summary["final_test_acc"][k], "dataset": ds.name,
@@ -562,69 +517,14 @@ def export_teachers(config, workdir: pathlib.Path, ds: data_lib.Dataset, state: 
     return dirs
 
 
-def _feature_shapes(model: nn.Module, variables: Params | None, image_shape) -> list:
-    x0 = jnp.zeros((2, *image_shape), jnp.float32)
-    init = (lambda: model.init(jax.random.PRNGKey(0), x0, train=False)) if variables is None else (lambda: variables)
-    return jax.eval_shape(lambda: model.apply(init(), x0, train=False)[1])
-
-
-def build_setup(config, ds, teachers: Teachers | None) -> RunSpec:
-    """The static description of the run: models, connectors, optimizer, execution modes."""
-    dtype = compute_dtype(config)
-    resolved = methods.resolve(config)
-    image_shape = tuple(int(n) for n in ds.train_images.shape[1:])
-    n_train = ds.train_images.shape[0]
-    steps_per_epoch = n_train // config.batch_size
-    student = models.create_model(config.student.model, ds.num_classes, dtype, width=config.student.width,
-                                  winograd=resolve_winograd(config.student.winograd, dtype))
-    teacher = None
-    if teachers is not None:
-        teacher = models.create_model(teachers.model_name, ds.num_classes, dtype, width=teachers.width,
-                                      fold_bn=teachers.folded,
-                                      winograd=resolve_winograd(config.teachers.winograd, dtype))
-    num_teachers = 0 if teachers is None else jax.tree_util.tree_leaves(teachers.variables)[0].shape[0]
-    feature_index = connector = None
-    if resolved.feature_term != "none":
-        feature_index = config.distill.hint_layer if resolved.feature_term == "hint" else -2
-        s_feats = _feature_shapes(student, None, image_shape)
-        t_feats = _feature_shapes(teacher, jax.tree_util.tree_map(lambda a: a[0], teachers.variables), image_shape)
-        for who, name, feats in (("student", config.student.model, s_feats),
-                                 ("teacher", teachers.model_name, t_feats)):
-            validation.check_feature_index(feature_index, who, name, len(feats) - 1)
-        t_shape = t_feats[feature_index].shape
-        connector = models.StackedConnector(num_teachers=num_teachers, out_channels=t_shape[-1],
-                                            out_size=(t_shape[1], t_shape[2]), dtype=dtype)
-    schedule = lr_schedule(config, steps_per_epoch)
-    return RunSpec(
-        config=config, method=resolved, student=student, teacher=teacher, connector=connector,
-        tx=make_optimizer(config, schedule, resolved.nesterov), lr_schedule=schedule, image_shape=image_shape,
-        data_order=config_lib.data_order(config),
-        steps_per_epoch=steps_per_epoch, num_replicas=config_lib.num_replicas(config), num_teachers=num_teachers,
-        replica_execution=resolve_execution(config.execution),
-        teacher_execution=resolve_execution(config.teachers.execution), feature_index=feature_index,
-        num_train=n_train, mean=tuple(float(m) for m in ds.mean), std=tuple(float(v) for v in ds.std),
-        mesh=parallel.make_mesh(config))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Logging
-
-
-def _to_python(x):
-    x = np.asarray(x)
-    return x.item() if x.ndim == 0 else x.tolist()
-
-
 class NonFiniteError(FloatingPointError):
     """A loss or gradient became NaN/Inf; nothing non-finite was saved."""
 
 
 def check_finite(step0: int, metrics: list[dict], policy: str) -> None:
-    """Inspects fetched per-step metrics; raises (policy 'stop') naming the first bad step and loss term.
-
-    ``metrics[i]`` belongs to step ``step0 + i + 1`` (steps counted from 1). With policy 'skip' it does nothing:
-    a non-finite step left the state unchanged in-graph and is counted in the epoch's ``skipped_steps``.
-    """
+    """Raises (policy 'stop') naming the first non-finite step of the fetched ``metrics`` (``metrics[i]``: step
+    ``step0 + i + 1``) and its term. Under 'skip' such a step left the state unchanged in-graph and is only counted
+    in the epoch's ``skipped_steps``."""
     for i, m in enumerate(metrics):
         if int(m["nonfinite"]) == 0:
             continue
@@ -645,26 +545,11 @@ def check_finite(step0: int, metrics: list[dict], policy: str) -> None:
                 f"is intact ({values}). Lower the learning rate, or set config.on_nonfinite='skip' to drop such steps")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The loop
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (a teacher ensemble, or a student: distilled, or with CE alone) in ``workdir``; resumes a run there.
-
-    Returns the summary that is also written to ``<workdir>/summary.json``.
-
-    Data-parallel over ``config.mesh`` (demkd_jax/parallel.py); in a multi-process run every process calls
-    this with the same config, and only process 0 prints and writes files (Orbax coordinates checkpoints).
-    """
+    """Trains (a teacher ensemble, or a student: distilled, or with CE alone) in ``workdir``, resuming a run there;
+    returns the summary also written to ``<workdir>/summary.json``. Data-parallel over ``config.mesh``: in a
+    multi-process run every process calls this with the same config, and only process 0 prints and writes files
+    (Orbax coordinates checkpoints)."""
     parallel.initialize_distributed(config.distributed)  # before anything touches a device
     # Every check that can fail on a bad input runs before anything is compiled or written into the workdir.
     validation.validate(config, workdir=workdir)
@@ -704,8 +589,7 @@ def _prepare_run(config, ds: data_lib.Dataset, teachers: Teachers | None) -> _Ru
         eval_batch = max(mesh.size, n_test - n_test % mesh.size)
     return _Run(
         setup=setup, train_step=jit_train_step(setup),
-        student_eval=jit_eval_fn(setup, setup.student, setup.replica_execution, n_test, eval_batch,
-                                 compute_dtype(config)),
+        student_eval=jit_eval_fn(setup, setup.student, setup.replica_execution, n_test, eval_batch),
         permutation=epoch_permutation_fn(config, setup.num_train, setup.replicated),
         teacher_vars=None if teachers is None else parallel.put_replicated(teachers.variables, mesh),
         train=parallel.put_dataset(ds.train_images, ds.train_labels, mesh, config.mesh.dataset),
@@ -713,19 +597,21 @@ def _prepare_run(config, ds: data_lib.Dataset, teachers: Teachers | None) -> _Ru
         num_test=n_test, eval_batch=eval_batch)
 
 
+def _test_accuracy(run: _Run, eval_fn: Callable, stacked_vars: Params) -> tuple[list[float], float]:
+    """Test top-1 (%) of each stacked member and of their ensemble (the mean of their probabilities)."""
+    correct, ensemble_correct = jax.device_get(eval_fn(stacked_vars, *run.test))
+    percent = lambda c: round(100.0 * float(c) / run.num_test, 2)
+    return [percent(c) for c in correct], percent(ensemble_correct)
+
+
 def _evaluate_teachers(run: _Run, teachers: Teachers, log: Callable) -> dict:
     """The teachers' own test accuracy and their ensemble's, once per run."""
     setup = run.setup
-    n_test = run.num_test
-    t_eval = jit_eval_fn(setup, setup.teacher, setup.teacher_execution, n_test, run.eval_batch,
-                         compute_dtype(setup.config))
-    correct, ensemble_correct = jax.device_get(t_eval(run.teacher_vars, *run.test))
-    summary = {"model": teachers.model_name, "dirs": [str(d) for d in teachers.dirs],
-               "test_acc": [round(100.0 * float(c) / n_test, 2) for c in correct],
-               "ensemble_test_acc": round(100.0 * float(ensemble_correct) / n_test, 2)}
-    log(f"teachers ({summary['model']} x {setup.num_teachers}): test top-1 {summary['test_acc']}, "
-        f"ensemble {summary['ensemble_test_acc']}")
-    return summary
+    t_eval = jit_eval_fn(setup, setup.teacher, setup.teacher_execution, run.num_test, run.eval_batch)
+    test_acc, ensemble_acc = _test_accuracy(run, t_eval, run.teacher_vars)
+    log(f"teachers ({teachers.model_name} x {setup.num_teachers}): test top-1 {test_acc}, ensemble {ensemble_acc}")
+    return {"model": teachers.model_name, "dirs": [str(d) for d in teachers.dirs], "test_acc": test_acc,
+            "ensemble_test_acc": ensemble_acc}
 
 
 def _restore_or_init(run: _Run, workdir: pathlib.Path, checkpointer: ckpt_lib.TrainCheckpointer,
@@ -739,12 +625,12 @@ def _restore_or_init(run: _Run, workdir: pathlib.Path, checkpointer: ckpt_lib.Tr
         workdir_lib.record_config(workdir, config, 0 if resumed is None else resumed[0])
     if resumed is not None:
         latest, state = resumed
-        saved_records = checkpointer.saved_records(latest)
-        history = [r for r in metrics_log.resume(latest, saved_records, log) if "test_acc" in r]
+        history = [r for r in metrics_log.resume(latest, checkpointer.saved_records(latest), log) if "test_acc" in r]
         log(f"resumed from {checkpointer.directory} at step {latest} (epoch {latest // setup.steps_per_epoch})")
         return state, history
     metrics_log.resume(0)
-    return jit_init_state(setup, rng), []
+    # A fresh state, created directly replicated on the mesh (a global array on every host).
+    return jax.jit(lambda: init_state(setup, rng), out_shardings=setup.replicated)(), []
 
 
 def _train_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, dict, float]:
@@ -753,11 +639,13 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, 
     setup, config = run.setup, run.setup.config
     step = int(jax.device_get(state.step))
     epoch_end = epoch * setup.steps_per_epoch
-    primary = parallel.is_primary()
-    bar = _progress(epoch_end - step, f"epoch {epoch}/{config.num_epochs}", config.progress_bar and primary)
+    bar = None
+    if config.progress_bar and parallel.is_primary():
+        from tqdm.auto import tqdm
+        bar = tqdm(total=epoch_end - step, desc=f"epoch {epoch}/{config.num_epochs}", leave=False, dynamic_ncols=True)
     t_epoch, images_seen = time.time(), 0
     pending: list[dict] = []
-    sums: dict[str, Any] = {}
+    sums: dict[str, Any] = collections.defaultdict(float)
     finite_steps = 0  # steps in the averages: a non-finite step (on_nonfinite='skip') is only counted
     perm = run.permutation(epoch)
     while step < epoch_end:
@@ -774,34 +662,29 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, 
             check_finite(step - len(fetched), fetched, config.on_nonfinite)
             for m in fetched:
                 if int(m["nonfinite"]):
-                    sums["nonfinite"] = sums.get("nonfinite", 0.0) + np.asarray(m["nonfinite"], np.float64)
+                    sums["nonfinite"] += np.asarray(m["nonfinite"], np.float64)
                     continue
                 finite_steps += 1
                 for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
+                    sums[k] += np.asarray(v, np.float64)
             if bar is not None and finite_steps:
-                bar.set_postfix(loss=f"{sums['loss'] / finite_steps:.3f}", acc=f"{sums['accuracy'] / finite_steps:.1f}",
+                bar.set_postfix(loss=f"{sums['loss'] / finite_steps:.3f}",
+                                acc=f"{sums['accuracy'] / finite_steps:.1f}",
                                 img_s=f"{images_seen / (time.time() - t_epoch):.0f}")
             pending = []
     if bar is not None:
         bar.close()
     img_per_s = images_seen / (time.time() - t_epoch)
-    record = {f"train_{k}": _to_python(v / finite_steps) for k, v in sums.items() if k not in ("nonfinite", "lr")}
+    record = {f"train_{k}": np.asarray(v / finite_steps).tolist() for k, v in sums.items()
+              if k not in ("nonfinite", "lr")}
     record["skipped_steps"] = int(sums.get("nonfinite", 0))
     # The rate the optimizer used in the epoch's last step (the schedule only changes between epochs).
     record["lr"] = float(setup.lr_schedule(epoch_end - 1))
     return state, record, img_per_s
 
 
-def _evaluate(run: _Run, state: TrainState) -> tuple[list[float], float]:
-    """Test top-1 per replica and of the replicas' ensemble (mean of their probabilities)."""
-    student_vars = {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
-    correct, ensemble_correct = jax.device_get(run.student_eval(student_vars, *run.test))
-    return [round(100.0 * float(c) / run.num_test, 2) for c in correct], round(100.0 * float(ensemble_correct) / run.num_test, 2)
-
-
 def _summary(config, ds: data_lib.Dataset, setup: RunSpec, history: list[dict], t_start: float,
-             teacher_summary: dict | None) -> dict:
+             teacher_summary: dict | None, mesh_info: dict) -> dict:
     final = history[-1] if history else {}
     per_replica_best = np.max(np.array([r["test_acc_per_replica"] for r in history]), axis=0) if history else []
     summary = {
@@ -820,7 +703,7 @@ def _summary(config, ds: data_lib.Dataset, setup: RunSpec, history: list[dict], 
         "wall_time_s": round(time.time() - t_start, 1),
         "skipped_steps": int(sum(r.get("skipped_steps", 0) for r in history)),  # resumed epochs included
         "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-        "jax_version": jax.__version__, "mesh": parallel.describe(setup.mesh, config),
+        "jax_version": jax.__version__, "mesh": mesh_info,
     }
     if teacher_summary:
         summary["teachers"] = teacher_summary
@@ -865,7 +748,8 @@ def fit(config: ml_collections.ConfigDict, workdir: pathlib.Path, ds: data_lib.D
         state, train_record, img_per_s = _train_epoch(run, state, epoch)
         step = epoch * steps_per_epoch
         epoch_time = time.time() - t_epoch
-        epoch_acc, ensemble_acc = _evaluate(run, state)
+        epoch_acc, ensemble_acc = _test_accuracy(
+            run, run.student_eval, {"params": state.params["student"], "batch_stats": state.batch_stats["student"]})
         acc = float(np.mean(epoch_acc))
         best = max(best, acc)
         record = {"epoch": epoch, "step": step, **train_record,
@@ -883,7 +767,7 @@ def fit(config: ml_collections.ConfigDict, workdir: pathlib.Path, ds: data_lib.D
             checkpointer.save(step, state, test_acc=acc, records=history)
     checkpointer.close()
 
-    summary = _summary(config, ds, setup, history, t_start, teacher_summary)
+    summary = _summary(config, ds, setup, history, t_start, teacher_summary, mesh_info)
     if parallel.is_primary():
         ckpt_lib.write_json_atomic(workdir / "summary.json", summary)
     log("summary: " + json.dumps(summary))
