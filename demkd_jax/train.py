@@ -507,9 +507,8 @@ def export_teachers(config, workdir: pathlib.Path, ds: data_lib.Dataset, state: 
     host_state = jax.device_get(state)
     students = {"params": host_state.params["student"], "batch_stats": host_state.batch_stats["student"]}
     for k, d in enumerate(dirs):
-        variables = jax.tree_util.tree_map(lambda a: a[k], students)
-        ckpt_lib.save_teacher(d, variables, model_name=config.student.model, num_classes=ds.num_classes,
-                              width=config.student.width,
+        ckpt_lib.save_teacher(d, jax.tree_util.tree_map(lambda a: a[k], students), model_name=config.student.model,
+                              num_classes=ds.num_classes, width=config.student.width,
                               metadata={"test_acc": summary["final_test_acc"][k], "dataset": ds.name,
                                         "epochs": config.num_epochs, "seed": config.seed, "member": k,
                                         "data_order": summary["data_order"]})
@@ -525,24 +524,24 @@ def check_finite(step0: int, metrics: list[dict], policy: str) -> None:
     """Raises (policy 'stop') naming the first non-finite step of the fetched ``metrics`` (``metrics[i]``: step
     ``step0 + i + 1``) and its term. Under 'skip' such a step left the state unchanged in-graph and is only counted
     in the epoch's ``skipped_steps``."""
-    for i, m in enumerate(metrics):
-        if int(m["nonfinite"]) == 0:
-            continue
-        if policy == "stop":
-            terms = [k for k in ("ce", "logit", "feature", "hint") if k in m and not np.isfinite(m[k])]
-            if terms:
-                what = f"loss term(s) {', '.join(terms)}"
-            elif not np.isfinite(m["loss"]):
-                what = "total loss"
-            elif not np.isfinite(m["grad_norm"]):
-                what = "gradients (the loss was finite)"
-            else:
-                what = "parameter update (loss and gradients were finite; the update overflowed)"
-            values = ", ".join(f"{k}={float(m[k]):.4g}" for k in ("loss", "ce", "logit", "feature", "hint", "grad_norm")
-                               if k in m)
-            raise NonFiniteError(
-                f"non-finite {what} at step {step0 + i + 1}; the run stopped before saving it, the last checkpoint "
-                f"is intact ({values}). Lower the learning rate, or set config.on_nonfinite='skip' to drop such steps")
+    bad = [i for i, m in enumerate(metrics) if int(m["nonfinite"])]
+    if policy != "stop" or not bad:
+        return
+    m = metrics[bad[0]]
+    terms = [k for k in ("ce", "logit", "feature", "hint") if k in m and not np.isfinite(m[k])]
+    if terms:
+        what = f"loss term(s) {', '.join(terms)}"
+    elif not np.isfinite(m["loss"]):
+        what = "total loss"
+    elif not np.isfinite(m["grad_norm"]):
+        what = "gradients (the loss was finite)"
+    else:
+        what = "parameter update (loss and gradients were finite; the update overflowed)"
+    values = ", ".join(f"{k}={float(m[k]):.4g}" for k in ("loss", "ce", "logit", "feature", "hint", "grad_norm")
+                       if k in m)
+    raise NonFiniteError(
+        f"non-finite {what} at step {step0 + bad[0] + 1}; the run stopped before saving it, the last checkpoint is "
+        f"intact ({values}). Lower the learning rate, or set config.on_nonfinite='skip' to drop such steps")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
