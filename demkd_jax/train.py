@@ -88,10 +88,9 @@ class RunSpec:
         return parallel.dataset_sharding(self.mesh, self.config.mesh.dataset)
 
 
-def _feature_shapes(model: nn.Module, variables: Params | None, image_shape) -> list:
+def _feature_shapes(model: nn.Module, image_shape) -> list:
     x0 = jnp.zeros((2, *image_shape), jnp.float32)
-    init = (lambda: model.init(jax.random.PRNGKey(0), x0, train=False)) if variables is None else (lambda: variables)
-    return jax.eval_shape(lambda: model.apply(init(), x0, train=False)[1])
+    return jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), x0, train=False)[0][1])
 
 
 def build_setup(config, ds, teachers: Teachers | None) -> RunSpec:
@@ -112,8 +111,7 @@ def build_setup(config, ds, teachers: Teachers | None) -> RunSpec:
     feature_index = connector = None
     if resolved.feature_term != "none":
         feature_index = config.distill.hint_layer if resolved.feature_term == "hint" else -2
-        s_feats = _feature_shapes(student, None, image_shape)
-        t_feats = _feature_shapes(teacher, jax.tree_util.tree_map(lambda a: a[0], teachers.variables), image_shape)
+        s_feats, t_feats = _feature_shapes(student, image_shape), _feature_shapes(teacher, image_shape)
         validation.check_feature_index(feature_index, "student", config.student.model, len(s_feats) - 1)
         validation.check_feature_index(feature_index, "teacher", teachers.model_name, len(t_feats) - 1)
         t_shape = t_feats[feature_index].shape
