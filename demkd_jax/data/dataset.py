@@ -1,9 +1,7 @@
 """The in-memory dataset every source produces, its validation, and normalisation statistics.
 
-A :class:`Dataset` holds both splits as host numpy arrays: uint8 images ``[N, H, W, 3]`` (NHWC, RGB) and
-int32 labels ``[N]``, the class names, and the per-channel mean/std (in units of pixel/255) that
-:func:`demkd_jax.data.pipeline.normalize` uses. Validation never changes data: a problem is reported as
-one of the errors below, with a one-line message naming the bad value and what was expected.
+Validation never changes data: a problem is one of the errors below, with a one-line message naming the bad
+value and what was expected.
 """
 
 from __future__ import annotations
@@ -12,20 +10,6 @@ import dataclasses
 from typing import NamedTuple, Sequence
 
 import numpy as np
-
-__all__ = [
-    "DataError",
-    "DataConfigError",
-    "DataNotFoundError",
-    "DatasetNotPreparedError",
-    "DataFormatError",
-    "RawData",
-    "Dataset",
-    "PUBLISHED_STATS",
-    "channel_stats",
-    "validate_split",
-    "validate_raw",
-]
 
 
 class DataError(Exception):
@@ -46,6 +30,12 @@ class DatasetNotPreparedError(DataNotFoundError):
 
 class DataFormatError(DataError, ValueError):
     """Data exist but are malformed: corrupted file, wrong shape/dtype, labels out of range, ..."""
+
+
+def reason(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line, for embedding in the one-line messages."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class RawData(NamedTuple):
@@ -158,15 +148,10 @@ def validate_split(
     num_classes: int,
     image_size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Checks one split; returns ``(images, labels)`` with labels as int32 (values unchanged).
+    """Checks one split (uint8 ``[N, H, W, 3]`` images, integer ``[N]`` labels in ``[0, num_classes)``).
 
-    Args:
-      images: expected uint8 ``[N, H, W, 3]``.
-      labels: expected integer ``[N]`` in ``[0, num_classes)``.
-      split: ``"train"`` or ``"test"``, for messages.
-      origin: where the data came from (a path or a name), for messages.
-      num_classes: the number of classes the labels must index.
-      image_size: the expected H = W, or a value <= 0 to accept any size.
+    Returns ``(images, labels)`` with labels as int32 (values unchanged). ``split`` and ``origin`` (a path or a
+    name) are for messages; ``image_size`` is the expected H = W, or a value <= 0 to accept any size.
     """
     where = f"{origin} [{split}]"
     if not isinstance(images, np.ndarray):
@@ -212,12 +197,10 @@ def validate_raw(raw: RawData, *, origin: str, num_classes: int, image_size: int
             f"{origin}: the data has {len(names)} classes ({_preview(names)}) but data.num_classes={num_classes}"
         )
     k = len(names)
-    train = validate_split(
-        raw.train_images, raw.train_labels, split="train", origin=origin, num_classes=k, image_size=image_size
-    )
-    test = validate_split(
-        raw.test_images, raw.test_labels, split="test", origin=origin, num_classes=k, image_size=image_size
-    )
+    train = validate_split(raw.train_images, raw.train_labels, split="train", origin=origin, num_classes=k,
+                           image_size=image_size)
+    test = validate_split(raw.test_images, raw.test_labels, split="test", origin=origin, num_classes=k,
+                          image_size=image_size)
     if train[0].shape[1:] != test[0].shape[1:]:
         raise DataFormatError(
             f"{origin}: train images are {list(train[0].shape[1:])} but test images are {list(test[0].shape[1:])}"

@@ -46,6 +46,7 @@ from demkd_jax.data.dataset import (
     DataNotFoundError,
     DatasetNotPreparedError,
     RawData,
+    reason,
 )
 
 __all__ = [
@@ -68,12 +69,6 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2
 SPLITS = ("train", "test")
 # What tarfile and the gzip/bz2/xz decompressors raise on a damaged archive.
 _ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error, zipfile.BadZipFile)
-
-
-def _reason(e: BaseException, limit: int = 300) -> str:
-    """An exception as one short line, for embedding in our one-line messages."""
-    text = " ".join(f"{type(e).__name__}: {e}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_tar_name(path: pathlib.Path) -> bool:
@@ -112,7 +107,7 @@ def tfds_dataset_dir(name: str, data_dir: str | None) -> str:
         return os.fspath(tfds.builder(name, data_dir=data_dir).data_dir)
     except Exception as e:  # tfds raises its own DatasetNotFoundError for unknown names
         if type(e).__name__ == "DatasetNotFoundError":
-            raise DataConfigError(f"unknown tfds dataset name '{name}' ({_reason(e)})") from e
+            raise DataConfigError(f"unknown tfds dataset name '{name}' ({reason(e)})") from e
         raise
 
 
@@ -156,7 +151,7 @@ def read_tfds(name: str, data_dir: str | None) -> RawData:
                 raise _tfds_not_prepared(name, data_dir, variant_dir) from e
             raise DataFormatError(
                 f"tfds dataset '{name}' in {variant_dir} cannot be read as split '{split}' with "
-                f"tfds.data_source ({_reason(e)}); random access needs the ArrayRecord format: "
+                f"tfds.data_source ({reason(e)}); random access needs the ArrayRecord format: "
                 f"`tfds build {name} --data_dir={_tfds_root(name, data_dir, variant_dir)} --file_format=array_record`"
             ) from e
         features = source.dataset_info.features
@@ -210,7 +205,7 @@ def _unpickle(data: bytes, origin: str) -> dict[str, Any]:
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:  # pickle raises many types on garbage input
-        raise DataFormatError(f"{origin} is not a readable CIFAR pickle ({_reason(e)})") from e
+        raise DataFormatError(f"{origin} is not a readable CIFAR pickle ({reason(e)})") from e
     if not isinstance(obj, dict):
         raise DataFormatError(f"{origin}: expected a pickled dict, got {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
@@ -267,7 +262,7 @@ def _pickle_files(path: pathlib.Path) -> dict[str, bytes]:
                         raise DataFormatError(f"{path}: the archive holds '{base}' twice")
                     files[base] = tar.extractfile(member).read()  # type: ignore[union-attr]
     except _ARCHIVE_ERRORS as e:
-        raise DataFormatError(f"{path} is not a readable tar archive ({_reason(e)})") from e
+        raise DataFormatError(f"{path} is not a readable tar archive ({reason(e)})") from e
     return files
 
 
@@ -339,7 +334,7 @@ def _decode_chunk(items: Sequence[tuple[str, bytes | None]]) -> np.ndarray:
             with Image.open(io.BytesIO(data) if data is not None else origin) as im:
                 arr = np.asarray(im.convert("RGB"))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise DataFormatError(f"cannot decode image {origin} ({_reason(e)})") from e
+            raise DataFormatError(f"cannot decode image {origin} ({reason(e)})") from e
         if out is None:
             out = np.empty((len(items), *arr.shape), np.uint8)
         elif arr.shape != out.shape[1:]:
@@ -493,7 +488,7 @@ def _walk_tar(path: pathlib.Path, decoder: _Decoder) -> None:
                 data = tar.extractfile(member).read()  # type: ignore[union-attr]
                 decoder.add((m.group(2), m.group(3), m.group(4)), f"{path}:{name}", data)
     except _ARCHIVE_ERRORS as e:
-        raise DataFormatError(f"{path} is not a readable tar archive ({_reason(e)})") from e
+        raise DataFormatError(f"{path} is not a readable tar archive ({reason(e)})") from e
 
 
 def read_folder(path: pathlib.Path, num_workers: int = 0) -> RawData:
@@ -576,7 +571,7 @@ def _read_npz_file(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
     except DataFormatError:
         raise
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise DataFormatError(f"{path} is not a readable .npz file ({_reason(e)})") from e
+        raise DataFormatError(f"{path} is not a readable .npz file ({reason(e)})") from e
 
 
 def read_npz(path: pathlib.Path, num_classes: int) -> RawData:
