@@ -7,7 +7,7 @@ value and what was expected.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -132,13 +132,6 @@ class Dataset:
         return f"Dataset({self.summary()})"
 
 
-def _preview(names: Sequence[str], limit: int = 4) -> str:
-    names = list(names)
-    if len(names) <= limit:
-        return ", ".join(names)
-    return ", ".join(names[: limit - 1]) + f", ..., {names[-1]}"
-
-
 def validate_split(
     images: np.ndarray,
     labels: np.ndarray,
@@ -169,13 +162,9 @@ def validate_split(
         )
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DataFormatError(
-            f"{where}: labels must be a 1-D integer array, got {labels.dtype} {list(labels.shape)}"
-        )
+        raise DataFormatError(f"{where}: labels must be a 1-D integer array, got {labels.dtype} {list(labels.shape)}")
     if labels.shape[0] != images.shape[0]:
-        raise DataFormatError(
-            f"{where}: {images.shape[0]} images but {labels.shape[0]} labels (the counts must match)"
-        )
+        raise DataFormatError(f"{where}: {images.shape[0]} images but {labels.shape[0]} labels (the counts must match)")
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
         raise DataFormatError(
@@ -193,8 +182,9 @@ def validate_raw(raw: RawData, *, origin: str, num_classes: int, image_size: int
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise DataFormatError(f"{origin}: duplicate class names {dupes}")
     if num_classes > 0 and len(names) != num_classes:
+        preview = ", ".join(names) if len(names) <= 4 else ", ".join(names[:3]) + f", ..., {names[-1]}"
         raise DataFormatError(
-            f"{origin}: the data has {len(names)} classes ({_preview(names)}) but data.num_classes={num_classes}"
+            f"{origin}: the data has {len(names)} classes ({preview}) but data.num_classes={num_classes}"
         )
     k = len(names)
     train = validate_split(raw.train_images, raw.train_labels, split="train", origin=origin, num_classes=k,
