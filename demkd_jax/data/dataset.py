@@ -79,29 +79,18 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """Both splits of an image-classification dataset, validated, on the host.
+    """Both splits of an image-classification dataset, validated, on the host."""
 
-    Attributes:
-      train_images, test_images: uint8 ``[N, H, W, 3]`` (NHWC, RGB), C-contiguous.
-      train_labels, test_labels: int32 ``[N]`` in ``[0, num_classes)``.
-      class_names: one name per label index.
-      mean, std: float32 ``[3]`` per-channel statistics in units of pixel/255 (normalised pixel =
-        ``(pixel / 255 - mean) / std``).
-      name: the dataset's name (``cifar100``, ``cifar10``, ``digits`` or the configured label).
-      source: the source it came from (``tfds``, ``pickle``, ``folder``, ``npz``, ``digits``).
-      stats_origin: ``"published"`` or ``"computed"`` (from the train split).
-    """
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
+    train_images: np.ndarray  # uint8 [N, H, W, 3] (NHWC, RGB), C-contiguous; so are test_images
+    train_labels: np.ndarray  # int32 [N] in [0, num_classes); so are test_labels
     test_images: np.ndarray
     test_labels: np.ndarray
-    class_names: tuple[str, ...]
-    mean: np.ndarray
+    class_names: tuple[str, ...]  # one name per label index
+    mean: np.ndarray  # float32 [3] per channel in pixel/255 units, with std: normalised = (pixel / 255 - mean) / std
     std: np.ndarray
-    name: str
-    source: str
-    stats_origin: str
+    name: str  # cifar100, cifar10, digits or the configured name
+    source: str  # the source read: tfds, pickle, folder, npz or digits
+    stats_origin: str  # "published" or "computed" (from the train split)
 
     @property
     def num_classes(self) -> int:

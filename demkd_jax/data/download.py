@@ -62,10 +62,8 @@ def _directory_lock(directory: pathlib.Path) -> Iterator[None]:
         return
     fd = os.open(directory, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # e.g. NFS, which emulates flock with write locks: go on unlocked (the MD5 check stays)
-            pass
+        with contextlib.suppress(OSError):  # e.g. NFS, which emulates flock with write locks: go on unlocked
+            fcntl.flock(fd, fcntl.LOCK_EX)  # (the MD5 check stays)
         yield
     finally:
         os.close(fd)  # releases the lock

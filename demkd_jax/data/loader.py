@@ -15,16 +15,9 @@ from absl import logging
 
 from demkd_jax.config import default_data_config
 from demkd_jax.data import cache, download, sources
-from demkd_jax.data.dataset import (
-    PUBLISHED_STATS,
-    DataConfigError,
-    DataFormatError,
-    DataNotFoundError,
-    Dataset,
-    RawData,
-    channel_stats,
-    validate_raw,
-)
+from demkd_jax.data.dataset import (PUBLISHED_STATS, DataConfigError, DataFormatError, DataNotFoundError, Dataset,
+                                    RawData, channel_stats, validate_raw)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
@@ -209,9 +202,8 @@ def load_dataset(config: Mapping[str, Any] | ml_collections.ConfigDict) -> Datas
     """Reads ``config.data`` 's source (from the cache when it is there), validates it, returns a Dataset.
 
     ``config`` holds any subset of :func:`default_data_config`'s fields. The first load decodes the source
-    and writes the cache; later loads of an unchanged source read only the cache. Raises
-    :class:`DataConfigError`, :class:`DataNotFoundError` (incl. :class:`DatasetNotPreparedError`) or
-    :class:`DataFormatError` with a one-line message.
+    and writes the cache; later loads of an unchanged source read only the cache. Errors are
+    :class:`DataError` s with a one-line message.
     """
     cfg = _as_config(config)
     plan = SOURCES[cfg.source](cfg)

@@ -22,24 +22,14 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from absl import logging
 
-from demkd_jax.data.dataset import (
-    DataConfigError,
-    DataFormatError,
-    DataNotFoundError,
-    DatasetNotPreparedError,
-    RawData,
-    reason,
-)
+from demkd_jax.data.dataset import (DataConfigError, DataFormatError, DataNotFoundError, DatasetNotPreparedError,
+                                    RawData, reason)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2")
 SPLITS = ("train", "test")
 # What tarfile and the gzip/bz2/xz decompressors raise on a damaged archive.
 _ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error, zipfile.BadZipFile)
-
-
-def _is_tar_name(path: pathlib.Path) -> bool:
-    return path.name.lower().endswith(TAR_SUFFIXES)
 
 
 def _read_tar(path: pathlib.Path, keep: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
@@ -449,7 +439,7 @@ def _walk_tar(path: pathlib.Path, decoder: _Decoder) -> None:
 
 def read_folder(path: pathlib.Path, num_workers: int = 0) -> RawData:
     """An image-folder tree (or a tar archive of one) at ``path``; ``num_workers`` decoding processes."""
-    if path.is_file() and not _is_tar_name(path):
+    if path.is_file() and not path.name.lower().endswith(TAR_SUFFIXES):
         raise DataConfigError(
             f"{path} is a file but not a tar archive ({', '.join(TAR_SUFFIXES)}); data.path for "
             f"source 'folder' is a directory root/{{train,test}}/<class>/ or a tar archive of one"
