@@ -96,13 +96,8 @@ def save(path: pathlib.Path, raw: RawData, stats: tuple[np.ndarray, np.ndarray])
         # Unique per writer; opened with "xb" so the file gets the umask's usual permissions.
         tmp_name = str(path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
         with open(tmp_name, "xb") as f:
-            np.savez(
-                f,
-                class_names=np.asarray(raw.class_names, dtype=np.str_),
-                train_mean=stats[0],
-                train_std=stats[1],
-                **{k: getattr(raw, k) for k in _ARRAYS},
-            )
+            np.savez(f, class_names=np.asarray(raw.class_names, dtype=np.str_), train_mean=stats[0], train_std=stats[1],
+                     **{k: getattr(raw, k) for k in _ARRAYS})
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)

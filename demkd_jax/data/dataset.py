@@ -121,15 +121,8 @@ class Dataset:
         return f"Dataset({self.summary()})"
 
 
-def validate_split(
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    split: str,
-    origin: str,
-    num_classes: int,
-    image_size: int,
-) -> tuple[np.ndarray, np.ndarray]:
+def validate_split(images: np.ndarray, labels: np.ndarray, *, split: str, origin: str, num_classes: int,
+                   image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Checks one split (uint8 ``[N, H, W, 3]`` images, integer ``[N]`` labels in ``[0, num_classes)``).
 
     Returns ``(images, labels)`` with labels as int32 (values unchanged). ``split`` and ``origin`` (a path or a

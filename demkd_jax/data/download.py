@@ -150,8 +150,7 @@ def _download(url: str, dest: pathlib.Path, md5: str, placement_hint: str) -> No
             _transfer(url, part, f"downloading {dest.name}")
             break
         except _Interrupted as e:
-            progressed = part.exists() and part.stat().st_size > before
-            if attempt < _ATTEMPTS and progressed:
+            if attempt < _ATTEMPTS and part.exists() and part.stat().st_size > before:  # it made progress
                 continue
             raise DownloadError(
                 f"the download of {url} was interrupted ({e}); run again to resume it (the partial file "

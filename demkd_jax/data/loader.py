@@ -51,13 +51,8 @@ def _plan_tfds(cfg: ml_collections.ConfigDict) -> _Plan:
             logging.info("tfds dataset '%s' is not prepared in %s; reading the official archive %s instead",
                          cfg.name, variant_dir, archive)
             return _plan_official_archive(cfg)
-    return _Plan(
-        read=lambda: sources.read_tfds(cfg.name, data_dir),
-        identity=f"{variant_dir}",
-        fingerprint=cache.path_fingerprint(variant_dir),
-        origin=f"tfds:{cfg.name} ({variant_dir})",
-        name=cfg.name,
-    )
+    return _path_plan(variant_dir, lambda: sources.read_tfds(cfg.name, data_dir), cfg.name,
+                      origin=f"tfds:{cfg.name} ({variant_dir})")
 
 
 def _official_archive(cfg: ml_collections.ConfigDict) -> tuple[pathlib.Path, str, str, str]:
@@ -86,10 +81,11 @@ def _plan_official_archive(cfg: ml_collections.ConfigDict) -> _Plan:
     )
 
 
-def _path_plan(path: pathlib.Path, read: Callable[[], RawData], name: str, identity: str = "") -> _Plan:
-    """A plan for a local file or directory, fingerprinted by its size and mtime."""
+def _path_plan(path: str | pathlib.Path, read: Callable[[], RawData], name: str, identity: str = "",
+               origin: str = "") -> _Plan:
+    """A plan for data read from ``path`` (a file or directory), fingerprinted by its size and mtime."""
     return _Plan(read=read, identity=identity or str(path), fingerprint=cache.path_fingerprint(path),
-                 origin=str(path), name=name)
+                 origin=origin or str(path), name=name)
 
 
 def _plan_pickle(cfg: ml_collections.ConfigDict) -> _Plan:
@@ -116,13 +112,8 @@ def _plan_npz(cfg: ml_collections.ConfigDict) -> _Plan:
 def _plan_digits(cfg: ml_collections.ConfigDict) -> _Plan:
     size, frac, seed = int(cfg.image_size), float(cfg.digits_test_fraction), int(cfg.digits_seed)
     data_file = sources.digits_file()
-    return _Plan(
-        read=lambda: sources.read_digits(size, frac, seed),
-        identity=f"{data_file}|{size}|{frac!r}|{seed}",
-        fingerprint=cache.path_fingerprint(data_file),
-        origin="scikit-learn digits",
-        name="digits",
-    )
+    return _path_plan(data_file, lambda: sources.read_digits(size, frac, seed), "digits",
+                      identity=f"{data_file}|{size}|{frac!r}|{seed}", origin="scikit-learn digits")
 
 
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict], _Plan]] = {
@@ -182,9 +173,8 @@ def mean_pool(images: np.ndarray, factor: int, origin: str = "images") -> np.nda
 _STATS_TOLERANCE = 0.01
 
 
-def _statistics(
-    computed: tuple[np.ndarray, np.ndarray], name: str, normalization: str
-) -> tuple[np.ndarray, np.ndarray, str]:
+def _statistics(computed: tuple[np.ndarray, np.ndarray], name: str,
+                normalization: str) -> tuple[np.ndarray, np.ndarray, str]:
     """The (mean, std) to normalise with, and where they come from."""
     if normalization == "auto" and name in PUBLISHED_STATS:
         mean, std = (np.asarray(v, np.float32) for v in PUBLISHED_STATS[name])

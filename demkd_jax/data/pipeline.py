@@ -75,16 +75,8 @@ def normalize(images: jax.Array, mean: jax.Array, std: jax.Array, dtype: jnp.dty
     return (images.astype(jnp.float32) * scale - mean / std).astype(dtype)
 
 
-def augment(
-    images: jax.Array,
-    key: jax.Array,
-    mean: jax.Array,
-    std: jax.Array,
-    *,
-    padding: int = 4,
-    flip: bool = True,
-    dtype: jnp.dtype = jnp.float32,
-) -> jax.Array:
+def augment(images: jax.Array, key: jax.Array, mean: jax.Array, std: jax.Array, *, padding: int = 4, flip: bool = True,
+            dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """Training augmentation of a uint8 ``[B, H, W, 3]`` batch: :func:`random_crop_flip`, :func:`normalize`."""
     return normalize(random_crop_flip(images, key, padding, flip), mean, std, dtype)
 

@@ -44,8 +44,6 @@ def _read_tar(path: pathlib.Path, keep: Callable[[str], bool]) -> Iterator[tuple
 
 
 # ----------------------------------------------------------------------------------------------- tfds
-
-
 def _tfds_root(name: str, data_dir: str | None, variant_dir: str) -> str:
     """The data_dir tfds searched: the given one, else the part of ``variant_dir`` before ``/<name>/``."""
     if data_dir:
@@ -266,8 +264,6 @@ def read_pickle(path: pathlib.Path, name: str) -> RawData:
 
 
 # --------------------------------------------------------------------------------------------- folder
-
-
 def _default_workers(num_workers: int) -> int:
     if num_workers >= 0:
         return num_workers
@@ -321,8 +317,9 @@ class _Decoder:
             )
         self._chunk = chunk
         self._pending: list[tuple[str, bytes | None]] = []
-        self._chunks: list[list[tuple[str, bytes | None]]] = []
-        self._results: list[Any] = []  # futures (pool) or arrays
+        # (items, Future) while a worker decodes the items; (None, array) once decoded in this process.
+        self._chunks: list[tuple[list[tuple[str, bytes | None]] | None, Any]] = []
+        self._warned = False
         self.keys: list[tuple[str, str, str]] = []  # (split, class, file name) per image
 
     def add(self, key: tuple[str, str, str], origin: str, data: bytes | None) -> None:
@@ -332,42 +329,38 @@ class _Decoder:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
-            return
         items, self._pending = self._pending, []
-        if self._pool is None:
-            self._results.append(_decode_chunk(items))
+        if not items:
             return
-        self._chunks.append(items)
+        if self._pool is None:
+            self._chunks.append((None, _decode_chunk(items)))
+            return
         try:
-            self._results.append(self._pool.submit(_decode_chunk, items))
-        except concurrent.futures.BrokenExecutor:
-            self._results.append(None)  # decoded in finish()
+            self._chunks.append((items, self._pool.submit(_decode_chunk, items)))
+        except concurrent.futures.BrokenExecutor as e:
+            self._chunks.append((None, self._decode_here(items, e)))
+
+    def _decode_here(self, items: list[tuple[str, bytes | None]], error: Exception) -> np.ndarray:
+        if not self._warned:
+            logging.warning("image-decoding worker processes failed (%s); decoding in this process", error)
+            self._warned = True
+        return _decode_chunk(items)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
 
-    def _collect(self) -> list[np.ndarray]:
-        if self._pool is None:
-            return self._results
-        arrays, warned = [], False
-        for items, fut in zip(self._chunks, self._results):
-            try:
-                if fut is None:
-                    raise concurrent.futures.BrokenExecutor("the pool broke before this chunk was submitted")
-                arrays.append(fut.result())
-            except concurrent.futures.BrokenExecutor as e:
-                if not warned:
-                    logging.warning("image-decoding worker processes failed (%s); decoding in this process", e)
-                    warned = True
-                arrays.append(_decode_chunk(items))
-        return arrays
-
     def finish(self) -> np.ndarray:
         """All decoded images, in the order they were added."""
         self._flush()
-        arrays = self._collect()
+        arrays = []
+        for items, result in self._chunks:
+            if items is not None:
+                try:
+                    result = result.result()
+                except concurrent.futures.BrokenExecutor as e:
+                    result = self._decode_here(items, e)
+            arrays.append(result)
         offset = 0
         for a in arrays:  # each chunk has one size (_decode_chunk); do the chunks agree?
             if a.shape[1:] != arrays[0].shape[1:]:
@@ -544,8 +537,6 @@ def read_npz(path: pathlib.Path, num_classes: int) -> RawData:
 
 
 # --------------------------------------------------------------------------------------------- digits
-
-
 def digits_file() -> pathlib.Path:
     """scikit-learn's bundled digits data file (located without importing scikit-learn)."""
     spec = importlib.util.find_spec("sklearn")
