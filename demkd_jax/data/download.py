@@ -62,8 +62,8 @@ def _directory_lock(directory: pathlib.Path) -> Iterator[None]:
         return
     fd = os.open(directory, os.O_RDONLY)
     try:
-        with contextlib.suppress(OSError):  # e.g. NFS, which emulates flock with write locks: go on unlocked
-            fcntl.flock(fd, fcntl.LOCK_EX)  # (the MD5 check stays)
+        with contextlib.suppress(OSError):  # e.g. NFS, which emulates flock: go on unlocked (the MD5 check stays)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock

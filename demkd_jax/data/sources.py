@@ -213,7 +213,7 @@ def _pickle_files(path: pathlib.Path) -> dict[str, bytes]:
     if path.is_dir():
         return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")}
     files: dict[str, bytes] = {}
-    for name, data in _read_tar(path, lambda name: True):
+    for name, data in _read_tar(path, lambda _: True):
         base = name.rsplit("/", 1)[-1]
         if base in files:
             raise DataFormatError(f"{path}: the archive holds '{base}' twice")
