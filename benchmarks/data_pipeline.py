@@ -43,8 +43,9 @@ def augment_throughput(images: np.ndarray, batch: int, seconds: float = 2.0) -> 
         return data.augment(x, jax.random.fold_in(key, step), mean, std)
 
     @jax.jit
-    def full_path(step):
-        idx = data.batch_indices(key, step, n, batch)
+    def full_path(step):  # the permutation recomputed inside every step
+        perm = data.epoch_permutation(key, step // data.steps_per_epoch(n, batch), n)
+        idx = data.batch_indices_from_permutation(perm, step, batch)
         return data.augment(dev[idx], jax.random.fold_in(key, step), mean, std)
 
     @jax.jit
@@ -56,7 +57,7 @@ def augment_throughput(images: np.ndarray, batch: int, seconds: float = 2.0) -> 
     perm = data.epoch_permutation(key, 0, n)
     cases = {
         "augment(batch)": lambda s: just_augment(x, s),
-        "batch_indices+gather+augment": full_path,
+        "permutation+gather+augment": full_path,
         "permutation-given+gather+augment": lambda s: from_permutation(perm, s),
     }
     for label, fn in cases.items():

@@ -1,15 +1,11 @@
 """The decoded-dataset cache: one uncompressed ``.npz`` per (source, name, input, input fingerprint).
 
-File name: ``<source>-<name>-<hash of the input's identity>-<hash of its fingerprint>.npz`` in the cache
-directory. The fingerprint covers the input path's size and mtime (every file under it for a directory),
-so a changed source gets a new file rather than a stale one; when a new file is written, older files for
-the same input are removed. Writes are atomic (temporary file in the same directory, then ``os.replace``),
-so a crashed or concurrent writer never leaves a truncated cache behind. An unreadable cache file is
-ignored (and rebuilt), never trusted.
+Keyed by the input's size and mtime, written atomically, never trusted when unreadable (docs/data.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -22,33 +18,20 @@ from absl import logging
 
 from demkd_jax.data.dataset import RawData
 
-__all__ = [
-    "CACHE_FORMAT",
-    "default_cache_dir",
-    "resolve_cache_dir",
-    "path_fingerprint",
-    "cache_path",
-    "load",
-    "save",
-]
-
 # Bump when the meaning of a cached file changes (a reader's output, the file layout).
 CACHE_FORMAT = 1
 
 _ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
-def default_cache_dir() -> pathlib.Path:
-    """``$DEMKD_CACHE_DIR``, else ``$XDG_CACHE_HOME/demkd_jax``, else ``~/.cache/demkd_jax``."""
+def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> pathlib.Path:
+    """``cache_dir``; if empty ``$DEMKD_CACHE_DIR``, else ``$XDG_CACHE_HOME/demkd_jax``, else ``~/.cache/demkd_jax``."""
+    if cache_dir:
+        return pathlib.Path(cache_dir).expanduser()
     if os.environ.get("DEMKD_CACHE_DIR"):
         return pathlib.Path(os.environ["DEMKD_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
     return pathlib.Path(base).expanduser() / "demkd_jax"
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> pathlib.Path:
-    """The configured cache directory (``""``/``None``: :func:`default_cache_dir`)."""
-    return pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
 
 
 def _digest(text: str, n: int) -> str:
@@ -78,9 +61,7 @@ def path_fingerprint(path: str | os.PathLike) -> str:
     return "absent"
 
 
-def cache_path(
-    cache_dir: pathlib.Path, source: str, name: str, identity: str, fingerprint: str
-) -> pathlib.Path:
+def cache_path(cache_dir: pathlib.Path, source: str, name: str, identity: str, fingerprint: str) -> pathlib.Path:
     """Where the cache for this input lives. ``identity``: what the input is (resolved path, options)."""
     slug = re.sub(r"[^A-Za-z0-9_.]+", "_", name)[:40] or "data"
     stem = f"{source}-{slug}-{_digest(f'{CACHE_FORMAT}|{source}|{name}|{identity}', 10)}"
@@ -98,10 +79,8 @@ def load(path: pathlib.Path) -> tuple[RawData, tuple[np.ndarray, np.ndarray]] | 
             stats = (z["train_mean"], z["train_std"])
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
         logging.warning("ignoring unreadable cache file %s (%s); rebuilding it", path, e)
-        try:
+        with contextlib.suppress(OSError):
             path.unlink()
-        except OSError:
-            pass
         return None
     return RawData(class_names=names, **arrays), stats
 
@@ -117,13 +96,8 @@ def save(path: pathlib.Path, raw: RawData, stats: tuple[np.ndarray, np.ndarray])
         # Unique per writer; opened with "xb" so the file gets the umask's usual permissions.
         tmp_name = str(path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
         with open(tmp_name, "xb") as f:
-            np.savez(
-                f,
-                class_names=np.asarray(raw.class_names, dtype=np.str_),
-                train_mean=stats[0],
-                train_std=stats[1],
-                **{k: getattr(raw, k) for k in _ARRAYS},
-            )
+            np.savez(f, class_names=np.asarray(raw.class_names, dtype=np.str_), train_mean=stats[0], train_std=stats[1],
+                     **{k: getattr(raw, k) for k in _ARRAYS})
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
@@ -133,15 +107,11 @@ def save(path: pathlib.Path, raw: RawData, stats: tuple[np.ndarray, np.ndarray])
         return
     finally:
         if tmp_name is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
-            except OSError:
-                pass
     prefix = path.name.rsplit("-", 1)[0] + "-"
     for old in path.parent.glob(prefix + "*.npz"):
         if old != path:
-            try:
+            with contextlib.suppress(OSError):
                 old.unlink()
                 logging.info("removed stale data cache %s", old)
-            except OSError:
-                pass

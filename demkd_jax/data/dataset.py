@@ -1,31 +1,15 @@
 """The in-memory dataset every source produces, its validation, and normalisation statistics.
 
-A :class:`Dataset` holds both splits as host numpy arrays: uint8 images ``[N, H, W, 3]`` (NHWC, RGB) and
-int32 labels ``[N]``, the class names, and the per-channel mean/std (in units of pixel/255) that
-:func:`demkd_jax.data.pipeline.normalize` uses. Validation never changes data: a problem is reported as
-one of the errors below, with a one-line message naming the bad value and what was expected.
+Validation never changes data: a problem is one of the errors below, with a one-line message naming the bad
+value and what was expected.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
-
-__all__ = [
-    "DataError",
-    "DataConfigError",
-    "DataNotFoundError",
-    "DatasetNotPreparedError",
-    "DataFormatError",
-    "RawData",
-    "Dataset",
-    "PUBLISHED_STATS",
-    "channel_stats",
-    "validate_split",
-    "validate_raw",
-]
 
 
 class DataError(Exception):
@@ -46,6 +30,12 @@ class DatasetNotPreparedError(DataNotFoundError):
 
 class DataFormatError(DataError, ValueError):
     """Data exist but are malformed: corrupted file, wrong shape/dtype, labels out of range, ..."""
+
+
+def reason(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line, for embedding in the one-line messages."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class RawData(NamedTuple):
@@ -89,29 +79,18 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """Both splits of an image-classification dataset, validated, on the host.
+    """Both splits of an image-classification dataset, validated, on the host."""
 
-    Attributes:
-      train_images, test_images: uint8 ``[N, H, W, 3]`` (NHWC, RGB), C-contiguous.
-      train_labels, test_labels: int32 ``[N]`` in ``[0, num_classes)``.
-      class_names: one name per label index.
-      mean, std: float32 ``[3]`` per-channel statistics in units of pixel/255 (normalised pixel =
-        ``(pixel / 255 - mean) / std``).
-      name: the dataset's name (``cifar100``, ``cifar10``, ``digits`` or the configured label).
-      source: the source it came from (``tfds``, ``pickle``, ``folder``, ``npz``, ``digits``).
-      stats_origin: ``"published"`` or ``"computed"`` (from the train split).
-    """
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
+    train_images: np.ndarray  # uint8 [N, H, W, 3] (NHWC, RGB), C-contiguous; so are test_images
+    train_labels: np.ndarray  # int32 [N] in [0, num_classes); so are test_labels
     test_images: np.ndarray
     test_labels: np.ndarray
-    class_names: tuple[str, ...]
-    mean: np.ndarray
+    class_names: tuple[str, ...]  # one name per label index
+    mean: np.ndarray  # float32 [3] per channel in pixel/255 units, with std: normalised = (pixel / 255 - mean) / std
     std: np.ndarray
-    name: str
-    source: str
-    stats_origin: str
+    name: str  # cifar100, cifar10, digits or the configured name
+    source: str  # the source read: tfds, pickle, folder, npz or digits
+    stats_origin: str  # "published" or "computed" (from the train split)
 
     @property
     def num_classes(self) -> int:
@@ -142,31 +121,12 @@ class Dataset:
         return f"Dataset({self.summary()})"
 
 
-def _preview(names: Sequence[str], limit: int = 4) -> str:
-    names = list(names)
-    if len(names) <= limit:
-        return ", ".join(names)
-    return ", ".join(names[: limit - 1]) + f", ..., {names[-1]}"
+def validate_split(images: np.ndarray, labels: np.ndarray, *, split: str, origin: str, num_classes: int,
+                   image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Checks one split (uint8 ``[N, H, W, 3]`` images, integer ``[N]`` labels in ``[0, num_classes)``).
 
-
-def validate_split(
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    split: str,
-    origin: str,
-    num_classes: int,
-    image_size: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Checks one split; returns ``(images, labels)`` with labels as int32 (values unchanged).
-
-    Args:
-      images: expected uint8 ``[N, H, W, 3]``.
-      labels: expected integer ``[N]`` in ``[0, num_classes)``.
-      split: ``"train"`` or ``"test"``, for messages.
-      origin: where the data came from (a path or a name), for messages.
-      num_classes: the number of classes the labels must index.
-      image_size: the expected H = W, or a value <= 0 to accept any size.
+    Returns ``(images, labels)`` with labels as int32 (values unchanged). ``split`` and ``origin`` (a path or a
+    name) are for messages; ``image_size`` is the expected H = W, or a value <= 0 to accept any size.
     """
     where = f"{origin} [{split}]"
     if not isinstance(images, np.ndarray):
@@ -184,13 +144,9 @@ def validate_split(
         )
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DataFormatError(
-            f"{where}: labels must be a 1-D integer array, got {labels.dtype} {list(labels.shape)}"
-        )
+        raise DataFormatError(f"{where}: labels must be a 1-D integer array, got {labels.dtype} {list(labels.shape)}")
     if labels.shape[0] != images.shape[0]:
-        raise DataFormatError(
-            f"{where}: {images.shape[0]} images but {labels.shape[0]} labels (the counts must match)"
-        )
+        raise DataFormatError(f"{where}: {images.shape[0]} images but {labels.shape[0]} labels (the counts must match)")
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
         raise DataFormatError(
@@ -208,16 +164,15 @@ def validate_raw(raw: RawData, *, origin: str, num_classes: int, image_size: int
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise DataFormatError(f"{origin}: duplicate class names {dupes}")
     if num_classes > 0 and len(names) != num_classes:
+        preview = ", ".join(names) if len(names) <= 4 else ", ".join(names[:3]) + f", ..., {names[-1]}"
         raise DataFormatError(
-            f"{origin}: the data has {len(names)} classes ({_preview(names)}) but data.num_classes={num_classes}"
+            f"{origin}: the data has {len(names)} classes ({preview}) but data.num_classes={num_classes}"
         )
     k = len(names)
-    train = validate_split(
-        raw.train_images, raw.train_labels, split="train", origin=origin, num_classes=k, image_size=image_size
-    )
-    test = validate_split(
-        raw.test_images, raw.test_labels, split="test", origin=origin, num_classes=k, image_size=image_size
-    )
+    train = validate_split(raw.train_images, raw.train_labels, split="train", origin=origin, num_classes=k,
+                           image_size=image_size)
+    test = validate_split(raw.test_images, raw.test_labels, split="test", origin=origin, num_classes=k,
+                          image_size=image_size)
     if train[0].shape[1:] != test[0].shape[1:]:
         raise DataFormatError(
             f"{origin}: train images are {list(train[0].shape[1:])} but test images are {list(test[0].shape[1:])}"

@@ -1,10 +1,6 @@
 """Fetching the official CIFAR python-pickle archives: once, verified, resumable, never read half-written.
 
-:func:`fetch_archive` downloads ``url`` to ``<dest>.part`` (resuming it with an HTTP ``Range`` request when
-a previous run was interrupted), checks the whole file's MD5 against the published value, and only then
-renames it to ``dest``: a file under the final name is always complete and verified. A checksum mismatch
-deletes the partial file. Downloads into one directory are serialised with an advisory lock on it, so
-processes sharing a cache do not write the same file at once.
+A file under the final name is always complete and MD5-verified; how: docs/data.md.
 """
 
 from __future__ import annotations
@@ -19,14 +15,12 @@ import urllib.error
 import urllib.request
 from typing import Iterator
 
-from demkd_jax.data.dataset import DataFormatError, DataNotFoundError
+from demkd_jax.data.dataset import DataFormatError, DataNotFoundError, reason
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; concurrent downloads into one cache are not serialised
     fcntl = None
-
-__all__ = ["OFFICIAL_ARCHIVES", "DownloadError", "fetch_archive", "md5_of"]
 
 # name -> (file name, URL, MD5) of the official archives (https://www.cs.toronto.edu/~kriz/cifar.html; the
 # same MD5s torchvision checks).
@@ -68,10 +62,8 @@ def _directory_lock(directory: pathlib.Path) -> Iterator[None]:
         return
     fd = os.open(directory, os.O_RDONLY)
     try:
-        try:
+        with contextlib.suppress(OSError):  # e.g. NFS, which emulates flock: go on unlocked (the MD5 check stays)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # e.g. NFS, which emulates flock with write locks: go on unlocked (the MD5 check stays)
-            pass
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -80,7 +72,7 @@ def _directory_lock(directory: pathlib.Path) -> Iterator[None]:
 def _reason(e: BaseException) -> str:
     if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
         e = e.reason if isinstance(e.reason, BaseException) else e
-    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    return reason(e)
 
 
 def _transfer(url: str, part: pathlib.Path, label: str) -> None:
@@ -158,8 +150,7 @@ def _download(url: str, dest: pathlib.Path, md5: str, placement_hint: str) -> No
             _transfer(url, part, f"downloading {dest.name}")
             break
         except _Interrupted as e:
-            progressed = part.exists() and part.stat().st_size > before
-            if attempt < _ATTEMPTS and progressed:
+            if attempt < _ATTEMPTS and part.exists() and part.stat().st_size > before:  # it made progress
                 continue
             raise DownloadError(
                 f"the download of {url} was interrupted ({e}); run again to resume it (the partial file "

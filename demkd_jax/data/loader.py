@@ -15,18 +15,8 @@ from absl import logging
 
 from demkd_jax.config import default_data_config
 from demkd_jax.data import cache, download, sources
-from demkd_jax.data.dataset import (
-    PUBLISHED_STATS,
-    DataConfigError,
-    DataFormatError,
-    DataNotFoundError,
-    Dataset,
-    RawData,
-    channel_stats,
-    validate_raw,
-)
-
-__all__ = ["SOURCES", "default_data_config", "load_dataset"]
+from demkd_jax.data.dataset import (PUBLISHED_STATS, DataConfigError, DataFormatError, DataNotFoundError, Dataset,
+                                    RawData, channel_stats, validate_raw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +51,8 @@ def _plan_tfds(cfg: ml_collections.ConfigDict) -> _Plan:
             logging.info("tfds dataset '%s' is not prepared in %s; reading the official archive %s instead",
                          cfg.name, variant_dir, archive)
             return _plan_official_archive(cfg)
-    return _Plan(
-        read=lambda: sources.read_tfds(cfg.name, data_dir),
-        identity=f"{variant_dir}",
-        fingerprint=cache.path_fingerprint(variant_dir),
-        origin=f"tfds:{cfg.name} ({variant_dir})",
-        name=cfg.name,
-    )
+    return _path_plan(variant_dir, lambda: sources.read_tfds(cfg.name, data_dir), cfg.name,
+                      origin=f"tfds:{cfg.name} ({variant_dir})")
 
 
 def _official_archive(cfg: ml_collections.ConfigDict) -> tuple[pathlib.Path, str, str, str]:
@@ -96,54 +81,39 @@ def _plan_official_archive(cfg: ml_collections.ConfigDict) -> _Plan:
     )
 
 
+def _path_plan(path: str | pathlib.Path, read: Callable[[], RawData], name: str, identity: str = "",
+               origin: str = "") -> _Plan:
+    """A plan for data read from ``path`` (a file or directory), fingerprinted by its size and mtime."""
+    return _Plan(read=read, identity=identity or str(path), fingerprint=cache.path_fingerprint(path),
+                 origin=origin or str(path), name=name)
+
+
 def _plan_pickle(cfg: ml_collections.ConfigDict) -> _Plan:
     path = _local_path(cfg)
     if cfg.name not in ("cifar10", "cifar100"):
         raise DataConfigError(f"data.name='{cfg.name}' for source 'pickle'; expected 'cifar100' or 'cifar10'")
-    return _Plan(
-        read=lambda: sources.read_pickle(path, cfg.name),
-        identity=str(path),
-        fingerprint=cache.path_fingerprint(path),
-        origin=str(path),
-        name=cfg.name,
-    )
+    return _path_plan(path, lambda: sources.read_pickle(path, cfg.name), cfg.name)
 
 
 def _plan_folder(cfg: ml_collections.ConfigDict) -> _Plan:
     path = _local_path(cfg)
-    return _Plan(
-        read=lambda: sources.read_folder(path, int(cfg.num_workers)),
-        identity=str(path),
-        fingerprint=cache.path_fingerprint(path),
-        origin=str(path),
-        name=cfg.name or path.name,
-    )
+    return _path_plan(path, lambda: sources.read_folder(path, int(cfg.num_workers)), cfg.name or path.name)
 
 
 def _plan_npz(cfg: ml_collections.ConfigDict) -> _Plan:
     path = _local_path(cfg)
     num_classes = int(cfg.num_classes)
+    # Without a names file, class names are "0".."K-1" with K = num_classes: then K is part of the data.
     named = path.is_dir() and any((path / fn).is_file() for fn in sources.NPZ_NAME_FILES)
-    return _Plan(
-        read=lambda: sources.read_npz(path, num_classes),
-        # Without a names file, class names are "0".."K-1" with K = num_classes: then K is part of the data.
-        identity=str(path) if named else f"{path}|{num_classes}",
-        fingerprint=cache.path_fingerprint(path),
-        origin=str(path),
-        name=cfg.name or path.name,
-    )
+    return _path_plan(path, lambda: sources.read_npz(path, num_classes), cfg.name or path.name,
+                      identity=str(path) if named else f"{path}|{num_classes}")
 
 
 def _plan_digits(cfg: ml_collections.ConfigDict) -> _Plan:
     size, frac, seed = int(cfg.image_size), float(cfg.digits_test_fraction), int(cfg.digits_seed)
     data_file = sources.digits_file()
-    return _Plan(
-        read=lambda: sources.read_digits(size, frac, seed),
-        identity=f"{data_file}|{size}|{frac!r}|{seed}",
-        fingerprint=cache.path_fingerprint(data_file),
-        origin="scikit-learn digits",
-        name="digits",
-    )
+    return _path_plan(data_file, lambda: sources.read_digits(size, frac, seed), "digits",
+                      identity=f"{data_file}|{size}|{frac!r}|{seed}", origin="scikit-learn digits")
 
 
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict], _Plan]] = {
@@ -199,9 +169,12 @@ def mean_pool(images: np.ndarray, factor: int, origin: str = "images") -> np.nda
     return np.rint(sums.astype(np.float32) / area).astype(np.uint8)  # k/4 is exact in float32
 
 
-def _statistics(
-    computed: tuple[np.ndarray, np.ndarray], name: str, normalization: str
-) -> tuple[np.ndarray, np.ndarray, str]:
+# Published and computed means of the same dataset agree far better than this (JPEG CIFAR-10: 1e-3).
+_STATS_TOLERANCE = 0.01
+
+
+def _statistics(computed: tuple[np.ndarray, np.ndarray], name: str,
+                normalization: str) -> tuple[np.ndarray, np.ndarray, str]:
     """The (mean, std) to normalise with, and where they come from."""
     if normalization == "auto" and name in PUBLISHED_STATS:
         mean, std = (np.asarray(v, np.float32) for v in PUBLISHED_STATS[name])
@@ -215,30 +188,22 @@ def _statistics(
     return computed[0], computed[1], "computed"
 
 
-# Published and computed means of the same dataset agree far better than this (JPEG CIFAR-10: 1e-3).
-_STATS_TOLERANCE = 0.01
-
-
 def load_dataset(config: Mapping[str, Any] | ml_collections.ConfigDict) -> Dataset:
     """Reads ``config.data`` 's source (from the cache when it is there), validates it, returns a Dataset.
 
     ``config`` holds any subset of :func:`default_data_config`'s fields. The first load decodes the source
-    and writes the cache; later loads of an unchanged source read only the cache. Raises
-    :class:`DataConfigError`, :class:`DataNotFoundError` (incl. :class:`DatasetNotPreparedError`) or
-    :class:`DataFormatError` with a one-line message.
+    and writes the cache; later loads of an unchanged source read only the cache. Errors are
+    :class:`DataError` s with a one-line message.
     """
     cfg = _as_config(config)
     plan = SOURCES[cfg.source](cfg)
     source = plan.source or cfg.source
     start = time.perf_counter()
-    cached = None
-    cache_file = None
+    cache_file = cached = None
     if cfg.use_cache:
-        cache_file = cache.cache_path(
-            cache.resolve_cache_dir(cfg.cache_dir), source, plan.name, plan.identity, plan.fingerprint
-        )
+        cache_dir = cache.resolve_cache_dir(cfg.cache_dir)
+        cache_file = cache.cache_path(cache_dir, source, plan.name, plan.identity, plan.fingerprint)
         cached = cache.load(cache_file)
-    hit = cached is not None
     if cached is not None:
         raw, computed = cached
     else:
@@ -259,7 +224,7 @@ def load_dataset(config: Mapping[str, Any] | ml_collections.ConfigDict) -> Datas
     ds = Dataset(*raw, mean=mean, std=std, name=plan.name, source=source, stats_origin=stats_origin)
     logging.info(
         "loaded %s in %.2f s (%s)", ds.summary(), time.perf_counter() - start,
-        f"cache hit {cache_file}" if hit
+        f"cache hit {cache_file}" if cached is not None
         else (f"decoded; cached to {cache_file}" if cache_file else "decoded; cache off"),
     )
     return ds

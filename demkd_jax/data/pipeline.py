@@ -1,54 +1,13 @@
 """The on-device input pipeline: pure JAX functions of arrays and keys, meant to run inside ``jax.jit``.
 
-The whole split lives on the device as uint8 ``[N, H, W, 3]``. Everything is a function of
-``(key, step)``, with no Python-side state, so a run is reproducible and resumes exactly from any step::
-
-    images = jax.device_put(ds.train_images)             # uint8, once
-    labels = jax.device_put(ds.train_labels)
-    mean, std = jnp.asarray(ds.mean), jnp.asarray(ds.std)
-
-    @jax.jit
-    def train_step(state, step, ...):                    # ``step``: int32 array, the global step
-        idx = batch_indices(data_key, step, n, B)        # epoch = step // (n // B), slice of its permutation
-        x = augment(images[idx], jax.random.fold_in(aug_key, step), mean, std)   # float32 [B, H, W, 3]
-        y = labels[idx]
-
-- Training batches: :func:`batch_indices` draws epoch ``e = step // steps_per_epoch`` as
-  ``jax.random.permutation(fold_in(key, e), n)`` and takes the ``(step % steps_per_epoch)``-th slice of
-  ``batch_size`` (static). The last short batch is dropped: ``steps_per_epoch = n // batch_size``.
-  Recomputing the permutation inside every step (two sorts of n = 50,000) costs more on a CPU than the
-  augmentation itself (benchmarks/README.md). So compute :func:`epoch_permutation` once at each epoch start (and again after a
-  restart, from ``(key, epoch)``), pass it to the step as an argument, and call
-  :func:`batch_indices_from_permutation` there: the same indices, so the choice does not change a run.
-- Augmentation (docs/method.md §3, torchvision's ``RandomCrop(32, padding=4)`` then ``RandomHorizontalFlip``
-  on the uint8 image, then ``Normalize``): :func:`random_crop_flip` on the raw pixels (zero padding, so
-  padded pixels normalise to ``-mean/std`` exactly as in PyTorch), then :func:`normalize`.
-  :func:`augment` is both. The crop is a separable gather (rows, then columns with the flip folded
-  into the column index), no per-example loop.
-- Evaluation: :func:`num_eval_batches` fixed-size batches; :func:`eval_batch_indices` gives batch ``i``'s
-  indices and a mask that is False on the padding of the last batch, so every example counts once and
-  the shapes never change (no recompilation).
-- Sharding: the indices are a deterministic function of ``(key, step)``, so every host computes the
-  same global batch and can take its own slice; nothing here assumes a single device.
+Everything is a function of ``(key, step)``, so a run is reproducible and resumes exactly from any step;
+the design and a usage sketch are in docs/data.md.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-__all__ = [
-    "steps_per_epoch",
-    "epoch_permutation",
-    "batch_indices",
-    "batch_indices_from_permutation",
-    "crop_and_flip",
-    "random_crop_flip",
-    "normalize",
-    "augment",
-    "num_eval_batches",
-    "eval_batch_indices",
-]
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -67,26 +26,14 @@ def epoch_permutation(key: jax.Array, epoch: jax.Array | int, num_examples: int)
     return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples).astype(jnp.int32)
 
 
-def batch_indices_from_permutation(
-    permutation: jax.Array, step: jax.Array | int, batch_size: int
-) -> jax.Array:
-    """Batch ``step % steps_per_epoch`` of the epoch whose :func:`epoch_permutation` is ``permutation``."""
+def batch_indices_from_permutation(permutation: jax.Array, step: jax.Array | int, batch_size: int) -> jax.Array:
+    """int32 ``[batch_size]`` indices of global step ``step``, given its epoch's :func:`epoch_permutation`.
+
+    Step ``step`` of epoch ``step // spe`` (``spe`` = :func:`steps_per_epoch`) takes slice ``step % spe``.
+    """
     spe = steps_per_epoch(permutation.shape[0], batch_size)
     position = jnp.asarray(step).astype(jnp.int32) % spe
     return jax.lax.dynamic_slice_in_dim(permutation, position * batch_size, batch_size)
-
-
-def batch_indices(key: jax.Array, step: jax.Array | int, num_examples: int, batch_size: int) -> jax.Array:
-    """int32 ``[batch_size]`` example indices of global training step ``step`` (0-based).
-
-    Epoch ``step // spe`` (``spe = num_examples // batch_size``) visits the examples in the order
-    ``epoch_permutation(key, epoch, num_examples)``; step ``step`` takes its ``(step % spe)``-th slice.
-    Within an epoch no index repeats; the ``num_examples % batch_size`` examples at the end of each
-    epoch's order are skipped (different ones every epoch).
-    """
-    spe = steps_per_epoch(num_examples, batch_size)
-    epoch = jnp.asarray(step).astype(jnp.int32) // spe
-    return batch_indices_from_permutation(epoch_permutation(key, epoch, num_examples), step, batch_size)
 
 
 def crop_and_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array, padding: int) -> jax.Array:
@@ -128,16 +75,8 @@ def normalize(images: jax.Array, mean: jax.Array, std: jax.Array, dtype: jnp.dty
     return (images.astype(jnp.float32) * scale - mean / std).astype(dtype)
 
 
-def augment(
-    images: jax.Array,
-    key: jax.Array,
-    mean: jax.Array,
-    std: jax.Array,
-    *,
-    padding: int = 4,
-    flip: bool = True,
-    dtype: jnp.dtype = jnp.float32,
-) -> jax.Array:
+def augment(images: jax.Array, key: jax.Array, mean: jax.Array, std: jax.Array, *, padding: int = 4, flip: bool = True,
+            dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """Training augmentation of a uint8 ``[B, H, W, 3]`` batch: :func:`random_crop_flip`, :func:`normalize`."""
     return normalize(random_crop_flip(images, key, padding, flip), mean, std, dtype)
 
@@ -149,9 +88,7 @@ def num_eval_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def eval_batch_indices(
-    batch: jax.Array | int, num_examples: int, batch_size: int
-) -> tuple[jax.Array, jax.Array]:
+def eval_batch_indices(batch: jax.Array | int, num_examples: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
     """Indices int32 ``[batch_size]`` and mask bool ``[batch_size]`` of evaluation batch ``batch``.
 
     Batch ``i`` covers examples ``i * batch_size ...`` in order; positions past ``num_examples`` point at

@@ -1,23 +1,5 @@
-"""Readers for the five data sources. Each returns a :class:`RawData` (both splits, class names).
-
-- ``tfds``: ``tfds.data_source(name, split=..., data_dir=...)``, the ArrayRecord random-access path of
-  tensorflow-datasets, which reads without TensorFlow. tfds itself downloads nothing: an unprepared dataset
-  raises :class:`DatasetNotPreparedError` with the command that prepares it (except ``cifar100``/``cifar10``,
-  which the loader then reads from the official ``pickle`` archive, see :mod:`demkd_jax.data.download`).
-- ``pickle``: the official python-pickle CIFAR archives, ``cifar-100-python.tar.gz`` (``train``, ``test``,
-  ``meta``; ``fine_labels``, ``fine_label_names``) and ``cifar-10-python.tar.gz`` (``data_batch_1..5``,
-  ``test_batch``, ``batches.meta``; ``labels``, ``label_names``), or their extracted directories. Rows of
-  3072 bytes are CHW planes, turned into NHWC. Unpickled with an allow-list (numpy arrays and plain
-  containers only), so an archive cannot run code.
-- ``folder``: ``root/{train,test}/<class>/*.{png,jpg,jpeg}`` decoded with Pillow as RGB, classes sorted
-  alphabetically, files sorted by name within a class; or a ``.tar``/``.tar.gz``/``.tar.xz``/``.tgz``/
-  ``.tar.bz2`` of such a tree (with or without one top directory), read straight from the archive without
-  extracting it. Images are never resized: sizes must agree.
-- ``npz``: a directory with one ``*train*.npz`` and one ``*test*.npz``, each with ``image`` (uint8
-  NHWC) and ``label``; class names from ``class_names.txt``, ``fine_label_names.txt``,
-  ``label_names.txt`` or a ``class_names`` array in the train file (else ``"0"``, ``"1"``, ...).
-- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, no download), upsampled to
-  ``image_size`` by pixel replication, grey to RGB, 0..16 to 0..255, split stratified per class.
+"""Readers for the five data sources (``tfds``, ``pickle``, ``folder``, ``npz``, ``digits``; formats in
+docs/data.md). Each returns a :class:`RawData` (both splits, class names).
 """
 
 from __future__ import annotations
@@ -35,33 +17,13 @@ import re
 import tarfile
 import zipfile
 import zlib
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from absl import logging
 
-from demkd_jax.data.dataset import (
-    DataConfigError,
-    DataFormatError,
-    DataNotFoundError,
-    DatasetNotPreparedError,
-    RawData,
-)
-
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "TAR_SUFFIXES",
-    "read_tfds",
-    "tfds_dataset_dir",
-    "tfds_prepared",
-    "read_pickle",
-    "pickle_layout",
-    "read_folder",
-    "read_npz",
-    "NPZ_NAME_FILES",
-    "read_digits",
-    "digits_file",
-]
+from demkd_jax.data.dataset import (DataConfigError, DataFormatError, DataNotFoundError, DatasetNotPreparedError,
+                                    RawData, reason)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2")
@@ -70,19 +32,18 @@ SPLITS = ("train", "test")
 _ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error, zipfile.BadZipFile)
 
 
-def _reason(e: BaseException, limit: int = 300) -> str:
-    """An exception as one short line, for embedding in our one-line messages."""
-    text = " ".join(f"{type(e).__name__}: {e}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_tar_name(path: pathlib.Path) -> bool:
-    return path.name.lower().endswith(TAR_SUFFIXES)
+def _read_tar(path: pathlib.Path, keep: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+    """``(member name, bytes)`` of the archive's regular files whose name ``keep`` accepts, in archive order."""
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile() and keep(member.name):
+                    yield member.name, tar.extractfile(member).read()  # type: ignore[union-attr]
+    except _ARCHIVE_ERRORS as e:
+        raise DataFormatError(f"{path} is not a readable tar archive ({reason(e)})") from e
 
 
 # ----------------------------------------------------------------------------------------------- tfds
-
-
 def _tfds_root(name: str, data_dir: str | None, variant_dir: str) -> str:
     """The data_dir tfds searched: the given one, else the part of ``variant_dir`` before ``/<name>/``."""
     if data_dir:
@@ -90,18 +51,6 @@ def _tfds_root(name: str, data_dir: str | None, variant_dir: str) -> str:
     base = name.split("/")[0].split(":")[0]
     head, sep, _ = variant_dir.rpartition(os.sep + base + os.sep)
     return head if sep else variant_dir
-
-
-def _tfds_not_prepared(name: str, data_dir: str | None, variant_dir: str) -> DatasetNotPreparedError:
-    root = _tfds_root(name, data_dir, variant_dir)
-    return DatasetNotPreparedError(
-        f"tfds dataset '{name}' is not prepared in data_dir {root} (no ArrayRecord copy in {variant_dir}); "
-        f"prepare it once on a machine with internet access and TensorFlow installed: "
-        f"`tfds build {name} --data_dir={root} --file_format=array_record` (or in Python: "
-        f"tfds.builder({name!r}, data_dir={root!r}, file_format='array_record').download_and_prepare()), "
-        f"then copy {root} here if this machine is offline; or set data.source to 'pickle', 'folder' or "
-        f"'npz' to read local files"
-    )
 
 
 def tfds_dataset_dir(name: str, data_dir: str | None) -> str:
@@ -112,7 +61,7 @@ def tfds_dataset_dir(name: str, data_dir: str | None) -> str:
         return os.fspath(tfds.builder(name, data_dir=data_dir).data_dir)
     except Exception as e:  # tfds raises its own DatasetNotFoundError for unknown names
         if type(e).__name__ == "DatasetNotFoundError":
-            raise DataConfigError(f"unknown tfds dataset name '{name}' ({_reason(e)})") from e
+            raise DataConfigError(f"unknown tfds dataset name '{name}' ({reason(e)})") from e
         raise
 
 
@@ -123,42 +72,51 @@ def tfds_prepared(name: str, data_dir: str | None) -> bool:
     return tfds.builder(name, data_dir=data_dir).is_prepared()
 
 
+def _open_tfds_split(name: str, split: str, data_dir: str | None) -> Any:
+    """``tfds.data_source`` of one split; a failure becomes :class:`DatasetNotPreparedError` or a format error."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfds raises assorted types here; classify by asking the builder.
+        variant_dir = tfds_dataset_dir(name, data_dir)
+        root = _tfds_root(name, data_dir, variant_dir)
+        if not tfds_prepared(name, data_dir):
+            raise DatasetNotPreparedError(
+                f"tfds dataset '{name}' is not prepared in data_dir {root} (no ArrayRecord copy in {variant_dir}); "
+                f"prepare it once on a machine with internet access and TensorFlow installed: "
+                f"`tfds build {name} --data_dir={root} --file_format=array_record` (or in Python: "
+                f"tfds.builder({name!r}, data_dir={root!r}, file_format='array_record').download_and_prepare()), "
+                f"then copy {root} here if this machine is offline; or set data.source to 'pickle', 'folder' or "
+                f"'npz' to read local files"
+            ) from e
+        raise DataFormatError(
+            f"tfds dataset '{name}' in {variant_dir} cannot be read as split '{split}' with "
+            f"tfds.data_source ({reason(e)}); random access needs the ArrayRecord format: "
+            f"`tfds build {name} --data_dir={root} --file_format=array_record`"
+        ) from e
+
+
 def _read_records(source: Sequence[Any], chunk: int = 1024) -> Iterator[dict[str, Any]]:
-    n = len(source)
+    """The records of a tfds data source, ``chunk`` at a time through ``__getitems__`` where it works."""
     getitems = getattr(source, "__getitems__", None)
-    if getitems is not None and n:
-        try:
-            first = getitems(list(range(min(n, chunk))))
-        except TypeError:
-            # tfds.testing.mock_data's data source implements only __getitem__.
-            getitems = None
-        else:
-            yield from first
-            for start in range(chunk, n, chunk):
-                yield from getitems(list(range(start, min(n, start + chunk))))
-            return
-    for i in range(n):
-        yield source[i]
+    for start in range(0, len(source), chunk):
+        indices = list(range(start, min(len(source), start + chunk)))
+        records = None
+        if getitems is not None:
+            try:
+                records = getitems(indices)
+            except TypeError:  # tfds.testing.mock_data's data source implements only __getitem__
+                getitems = None
+        yield from records if records is not None else (source[i] for i in indices)
 
 
 def read_tfds(name: str, data_dir: str | None) -> RawData:
     """Both splits of tfds dataset ``name`` (with ``image`` and ``label`` features) from ``data_dir``."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
     splits = {}
     class_names: tuple[str, ...] = ()
     for split in SPLITS:
-        try:
-            source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        except Exception as e:  # tfds raises assorted types here; classify by asking the builder.
-            variant_dir = tfds_dataset_dir(name, data_dir)
-            if not tfds.builder(name, data_dir=data_dir).is_prepared():
-                raise _tfds_not_prepared(name, data_dir, variant_dir) from e
-            raise DataFormatError(
-                f"tfds dataset '{name}' in {variant_dir} cannot be read as split '{split}' with "
-                f"tfds.data_source ({_reason(e)}); random access needs the ArrayRecord format: "
-                f"`tfds build {name} --data_dir={_tfds_root(name, data_dir, variant_dir)} --file_format=array_record`"
-            ) from e
+        source = _open_tfds_split(name, split, data_dir)
         features = source.dataset_info.features
         missing = [k for k in ("image", "label") if k not in features]
         if missing:
@@ -210,7 +168,7 @@ def _unpickle(data: bytes, origin: str) -> dict[str, Any]:
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:  # pickle raises many types on garbage input
-        raise DataFormatError(f"{origin} is not a readable CIFAR pickle ({_reason(e)})") from e
+        raise DataFormatError(f"{origin} is not a readable CIFAR pickle ({reason(e)})") from e
     if not isinstance(obj, dict):
         raise DataFormatError(f"{origin}: expected a pickled dict, got {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
@@ -223,8 +181,8 @@ _PICKLE_LAYOUTS = {
         tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta", "labels", "label_names"
     ),
 }
-_PICKLE_DIRS = {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py"}
-_PICKLE_ARCHIVES = {"cifar100": "cifar-100-python.tar.gz", "cifar10": "cifar-10-python.tar.gz"}
+# What a directory given as data.path may hold (exactly one of).
+_PICKLE_INPUTS = ("cifar-100-python.tar.gz", "cifar-10-python.tar.gz", "cifar-100-python", "cifar-10-batches-py")
 
 
 def pickle_layout(members: Iterable[str]) -> str | None:
@@ -241,33 +199,25 @@ def _resolve_pickle_path(path: pathlib.Path) -> pathlib.Path:
     """The archive or extracted directory itself, given it or a directory that holds exactly one of them."""
     if path.is_file() or pickle_layout(p.name for p in path.iterdir()):
         return path
-    found = [path / n for n in (*_PICKLE_DIRS.values(), *_PICKLE_ARCHIVES.values()) if (path / n).exists()]
+    found = [path / n for n in _PICKLE_INPUTS if (path / n).exists()]
     if len(found) == 1:
         return found[0]
-    expected = ", ".join([*_PICKLE_ARCHIVES.values(), *_PICKLE_DIRS.values()])
     if not found:
-        raise DataNotFoundError(f"no CIFAR python-pickle archive or directory in {path} (expected one of: {expected})")
+        raise DataNotFoundError(f"no CIFAR python-pickle archive or directory in {path} (expected one of: "
+                                f"{', '.join(_PICKLE_INPUTS)})")
     raise DataConfigError(f"{path} holds several CIFAR pickle inputs {[p.name for p in found]}; point data.path at one")
 
 
 def _pickle_files(path: pathlib.Path) -> dict[str, bytes]:
     """Base name -> bytes of the top-level-or-nested files of the archive or directory."""
-    files: dict[str, bytes] = {}
     if path.is_dir():
-        for p in sorted(path.iterdir()):
-            if p.is_file() and not p.name.startswith("."):
-                files[p.name] = p.read_bytes()
-        return files
-    try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.isfile():
-                    base = member.name.rsplit("/", 1)[-1]
-                    if base in files:
-                        raise DataFormatError(f"{path}: the archive holds '{base}' twice")
-                    files[base] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    except _ARCHIVE_ERRORS as e:
-        raise DataFormatError(f"{path} is not a readable tar archive ({_reason(e)})") from e
+        return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    files: dict[str, bytes] = {}
+    for name, data in _read_tar(path, lambda _: True):
+        base = name.rsplit("/", 1)[-1]
+        if base in files:
+            raise DataFormatError(f"{path}: the archive holds '{base}' twice")
+        files[base] = data
     return files
 
 
@@ -288,10 +238,7 @@ def _pickle_split(files: dict[str, bytes], names: Sequence[str], label_key: str,
 
 
 def read_pickle(path: pathlib.Path, name: str) -> RawData:
-    """The official CIFAR python-pickle archive (or its extracted directory) at ``path``.
-
-    ``name`` (``cifar10``/``cifar100``) must match the archive's layout.
-    """
+    """The official CIFAR python-pickle archive (or its extracted directory) at ``path``, holding ``name``."""
     path = _resolve_pickle_path(path)
     files = _pickle_files(path)
     layout = pickle_layout(files)
@@ -317,8 +264,6 @@ def read_pickle(path: pathlib.Path, name: str) -> RawData:
 
 
 # --------------------------------------------------------------------------------------------- folder
-
-
 def _default_workers(num_workers: int) -> int:
     if num_workers >= 0:
         return num_workers
@@ -339,7 +284,7 @@ def _decode_chunk(items: Sequence[tuple[str, bytes | None]]) -> np.ndarray:
             with Image.open(io.BytesIO(data) if data is not None else origin) as im:
                 arr = np.asarray(im.convert("RGB"))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise DataFormatError(f"cannot decode image {origin} ({_reason(e)})") from e
+            raise DataFormatError(f"cannot decode image {origin} ({reason(e)})") from e
         if out is None:
             out = np.empty((len(items), *arr.shape), np.uint8)
         elif arr.shape != out.shape[1:]:
@@ -372,8 +317,9 @@ class _Decoder:
             )
         self._chunk = chunk
         self._pending: list[tuple[str, bytes | None]] = []
-        self._chunks: list[list[tuple[str, bytes | None]]] = []
-        self._results: list[Any] = []  # futures (pool) or arrays
+        # (items, Future) while a worker decodes the items; (None, array) once decoded in this process.
+        self._chunks: list[tuple[list[tuple[str, bytes | None]] | None, Any]] = []
+        self._warned = False
         self.keys: list[tuple[str, str, str]] = []  # (split, class, file name) per image
 
     def add(self, key: tuple[str, str, str], origin: str, data: bytes | None) -> None:
@@ -383,54 +329,46 @@ class _Decoder:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
-            return
         items, self._pending = self._pending, []
-        if self._pool is None:
-            self._results.append(_decode_chunk(items))
+        if not items:
             return
-        self._chunks.append(items)
+        if self._pool is None:
+            self._chunks.append((None, _decode_chunk(items)))
+            return
         try:
-            self._results.append(self._pool.submit(_decode_chunk, items))
-        except concurrent.futures.BrokenExecutor:
-            self._results.append(None)  # decoded in finish()
+            self._chunks.append((items, self._pool.submit(_decode_chunk, items)))
+        except concurrent.futures.BrokenExecutor as e:
+            self._chunks.append((None, self._decode_here(items, e)))
+
+    def _decode_here(self, items: list[tuple[str, bytes | None]], error: Exception) -> np.ndarray:
+        if not self._warned:
+            logging.warning("image-decoding worker processes failed (%s); decoding in this process", error)
+            self._warned = True
+        return _decode_chunk(items)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
 
-    def _collect(self) -> list[np.ndarray]:
-        if self._pool is None:
-            return self._results
-        arrays, warned = [], False
-        for items, fut in zip(self._chunks, self._results):
-            try:
-                if fut is None:
-                    raise concurrent.futures.BrokenExecutor("the pool broke before this chunk was submitted")
-                arrays.append(fut.result())
-            except concurrent.futures.BrokenExecutor as e:
-                if not warned:
-                    logging.warning("image-decoding worker processes failed (%s); decoding in this process", e)
-                    warned = True
-                arrays.append(_decode_chunk(items))
-        return arrays
-
     def finish(self) -> np.ndarray:
         """All decoded images, in the order they were added."""
         self._flush()
-        arrays = self._collect()
-        shapes = {a.shape[1:] for a in arrays}
-        if len(shapes) > 1:
-            first = arrays[0].shape[1:]
-            offset = 0
-            for a in arrays:
-                if a.shape[1:] != first:
-                    key = self.keys[offset]
-                    raise DataFormatError(
-                        f"image {'/'.join(key)} is {a.shape[1]}x{a.shape[2]} but {'/'.join(self.keys[0])} is "
-                        f"{first[0]}x{first[1]} (images are never resized; all must have one size)"
-                    )
-                offset += a.shape[0]
+        arrays = []
+        for items, result in self._chunks:
+            if items is not None:
+                try:
+                    result = result.result()
+                except concurrent.futures.BrokenExecutor as e:
+                    result = self._decode_here(items, e)
+            arrays.append(result)
+        offset = 0
+        for a in arrays:  # each chunk has one size (_decode_chunk); do the chunks agree?
+            if a.shape[1:] != arrays[0].shape[1:]:
+                raise DataFormatError(
+                    f"image {'/'.join(self.keys[offset])} is {a.shape[1]}x{a.shape[2]} but {'/'.join(self.keys[0])} "
+                    f"is {arrays[0].shape[1]}x{arrays[0].shape[2]} (images are never resized; all must have one size)"
+                )
+            offset += a.shape[0]
         return np.concatenate(arrays) if arrays else np.zeros((0, 0, 0, 3), np.uint8)
 
 
@@ -471,34 +409,30 @@ def _walk_folder(root: pathlib.Path, decoder: _Decoder) -> list[str]:
 _TAR_MEMBER = re.compile(r"^(?:(.*)/)?(train|test)/([^/]+)/([^/]+)$")
 
 
+def _tar_image(member_name: str) -> re.Match | None:
+    """The ``(root, split, class, file)`` match of an image member of an image-folder tar, or None."""
+    m = _TAR_MEMBER.match(member_name[2:] if member_name.startswith("./") else member_name)
+    return m if m and _is_image_name(m.group(4)) and "__MACOSX" not in member_name else None
+
+
 def _walk_tar(path: pathlib.Path, decoder: _Decoder) -> None:
     prefix: str | None = None
-    try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name[2:] if member.name.startswith("./") else member.name
-                m = _TAR_MEMBER.match(name)
-                if not m or not _is_image_name(m.group(4)) or "__MACOSX" in name:
-                    continue
-                top = m.group(1) or ""
-                if prefix is None:
-                    prefix = top
-                elif top != prefix:
-                    raise DataFormatError(
-                        f"{path} holds several image-folder trees ('{prefix or '.'}' and '{top or '.'}'); "
-                        f"expected one <root>/{{train,test}}/<class>/<image>"
-                    )
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                decoder.add((m.group(2), m.group(3), m.group(4)), f"{path}:{name}", data)
-    except _ARCHIVE_ERRORS as e:
-        raise DataFormatError(f"{path} is not a readable tar archive ({_reason(e)})") from e
+    for member_name, data in _read_tar(path, lambda name: _tar_image(name) is not None):
+        m = _tar_image(member_name)
+        top = m.group(1) or ""
+        if prefix is None:
+            prefix = top
+        elif top != prefix:
+            raise DataFormatError(
+                f"{path} holds several image-folder trees ('{prefix or '.'}' and '{top or '.'}'); "
+                f"expected one <root>/{{train,test}}/<class>/<image>"
+            )
+        decoder.add((m.group(2), m.group(3), m.group(4)), f"{path}:{m.string}", data)
 
 
 def read_folder(path: pathlib.Path, num_workers: int = 0) -> RawData:
     """An image-folder tree (or a tar archive of one) at ``path``; ``num_workers`` decoding processes."""
-    if path.is_file() and not _is_tar_name(path):
+    if path.is_file() and not path.name.lower().endswith(TAR_SUFFIXES):
         raise DataConfigError(
             f"{path} is a file but not a tar archive ({', '.join(TAR_SUFFIXES)}); data.path for "
             f"source 'folder' is a directory root/{{train,test}}/<class>/ or a tar archive of one"
@@ -569,14 +503,12 @@ def _read_npz_file(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.keys())
-            if "image" not in keys or "label" not in keys:
-                raise DataFormatError(f"{path}: expected arrays 'image' and 'label', found {keys}")
-            names = z["class_names"] if "class_names" in keys else None
-            return z["image"], z["label"], names
-    except DataFormatError:
-        raise
+            arrays = {k: z[k] for k in ("image", "label", "class_names") if k in keys}
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise DataFormatError(f"{path} is not a readable .npz file ({_reason(e)})") from e
+        raise DataFormatError(f"{path} is not a readable .npz file ({reason(e)})") from e
+    if "image" not in arrays or "label" not in arrays:
+        raise DataFormatError(f"{path}: expected arrays 'image' and 'label', found {keys}")
+    return arrays["image"], arrays["label"], arrays.get("class_names")
 
 
 def read_npz(path: pathlib.Path, num_classes: int) -> RawData:
@@ -589,11 +521,10 @@ def read_npz(path: pathlib.Path, num_classes: int) -> RawData:
     x_train, y_train, names_arr = _read_npz_file(train_file)
     x_test, y_test, _ = _read_npz_file(test_file)
     names: tuple[str, ...] | None = None
-    for fn in NPZ_NAME_FILES:
-        if (path / fn).is_file():
-            names = tuple(line.strip() for line in (path / fn).read_text().splitlines() if line.strip())
-            break
-    if names is None and names_arr is not None:
+    names_file = next((path / fn for fn in NPZ_NAME_FILES if (path / fn).is_file()), None)
+    if names_file is not None:
+        names = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
+    elif names_arr is not None:
         names = tuple(str(n) for n in names_arr.tolist())
     if names is None:
         k = num_classes
@@ -606,8 +537,6 @@ def read_npz(path: pathlib.Path, num_classes: int) -> RawData:
 
 
 # --------------------------------------------------------------------------------------------- digits
-
-
 def digits_file() -> pathlib.Path:
     """scikit-learn's bundled digits data file (located without importing scikit-learn)."""
     spec = importlib.util.find_spec("sklearn")
@@ -637,9 +566,7 @@ def read_digits(image_size: int, test_fraction: float, seed: int) -> RawData:
     and a 4-pixel crop shift at 32x32 moves the digit by exactly one original pixel.
     """
     if image_size <= 0 or image_size % 8:
-        raise DataConfigError(
-            f"source 'digits' needs data.image_size to be a positive multiple of 8, got {image_size}"
-        )
+        raise DataConfigError(f"source 'digits' needs data.image_size to be a positive multiple of 8, got {image_size}")
     if not 0.0 < test_fraction < 1.0:
         raise DataConfigError(f"data.digits_test_fraction must be in (0, 1), got {test_fraction}")
     from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
