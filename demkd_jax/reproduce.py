@@ -158,6 +158,14 @@ def protocol_template() -> ml_collections.ConfigDict:
     return p
 
 
+def cifar100_16px_data() -> ml_collections.ConfigDict:
+    """``protocol.data`` of the CIFAR-100 16 px proxy: the npz copy of the official split, 2x2 mean-pooled on load
+    (``image_size`` names the stored 32x32 images), crop padding 2, statistics computed from the pooled data."""
+    return ml_collections.ConfigDict({
+        "source": "npz", "name": "cifar100", "path": "../shared/data/cifar100", "num_classes": 100, "image_size": 32,
+        "downsample": 2, "crop_padding": 2, "normalization": "computed"})
+
+
 def pair_protocol(args) -> ml_collections.ConfigDict:
     """The lineage's protocol for ``--pair TEACHER-STUDENT`` and the scaling flags."""
     teacher, student = args.pair.split("-", 1)
