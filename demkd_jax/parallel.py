@@ -188,9 +188,7 @@ def put_dataset(images: np.ndarray, labels: np.ndarray, mesh: Mesh, placement: s
     sharding = dataset_sharding(mesh, placement)
     if placement == "sharded":
         pad = -images.shape[0] % mesh.size
-        if pad:
-            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-            labels = np.concatenate([labels, np.zeros((pad,) + labels.shape[1:], labels.dtype)])
+        images, labels = (np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (images, labels))
     return put_global(images, sharding), put_global(labels, sharding)
 
 

@@ -31,6 +31,7 @@ from demkd_jax import methods
 from demkd_jax import stats
 from demkd_jax import train
 from demkd_jax import validation
+from demkd_jax import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,11 +281,8 @@ def _load_summary(workdir: pathlib.Path) -> dict | None:
 
 
 def _read_history(workdir: pathlib.Path) -> list[dict]:
-    path = workdir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "test_acc_per_replica" in r]
+    """The per-epoch evaluation records of a finished piece."""
+    return [r for r in workdir_lib.MetricsLog(workdir, writable=False).read() if "test_acc_per_replica" in r]
 
 
 def selected_methods(p, wanted: list[str] | None) -> list[str]:
