@@ -1,28 +1,17 @@
 """Host memory for CPU runs: transparent huge pages for the buffers XLA allocates every step.
 
 XLA:CPU mallocs every step's temporaries and outputs afresh, and glibc maps large blocks from the kernel and
-unmaps them when freed, so every step touches fresh 4 KiB pages: on the 2-core CI VM the 3 x vgg13 -> vgg8
-DE-MKD step took ~94,000 page faults and ~200 ms of kernel time per ~850 ms step. With glibc's
-``glibc.malloc.hugetlb=1`` malloc asks for transparent huge pages (2 MiB: 512x fewer faults, fewer TLB
-misses): ~500 faults and ~50 ms of kernel time, and the step went from 847-886 to 718-756 ms (alternating
-runs, same VM). Keeping freed memory in the process instead (one arena, no mmap, no trim) removed every
-fault but ran slower (794-827 ms: more user time).
+unmaps them when freed, so every step touches fresh 4 KiB pages: on a 2-core VM the 3 x vgg13 -> vgg8 DE-MKD
+step took ~94,000 page faults and ~200 ms of kernel time per ~850 ms. With ``glibc.malloc.hugetlb=1`` malloc
+asks for 2 MiB transparent huge pages: ~500 faults, and the step went from 847-886 to 718-756 ms (keeping freed
+memory in the process instead removed every fault but ran slower, 794-827 ms: more user time).
 
-glibc reads ``GLIBC_TUNABLES`` only when a process starts (``mallopt`` from a running Python did not change
-the fault count: measured), so the command-line entry points re-execute themselves once with it set, saying
-so in one line on stderr. It needs Linux, glibc >= 2.35 and transparent huge pages not switched off
-(``/sys/kernel/mm/transparent_hugepage/enabled``). A ``GLIBC_TUNABLES`` already in the environment is left
-alone; ``DEMKD_DEFAULT_MALLOC=1`` turns this off. Elsewhere (a notebook, your own script) start Python with
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``.
-
-It is for XLA:CPU only: a process that may run on a GPU/TPU never re-executes. That is decided without
-starting a JAX backend: ``JAX_PLATFORMS`` (or ``JAX_PLATFORM_NAME``) when set must name only ``cpu``;
-unset, no accelerator plugin may be installed (a ``jax_plugins`` module or entry point, such as CUDA's and
-ROCm's, or ``libtpu``). Nor does a process re-execute when that would change what it does: under a debugger
-or tracer (``sys.gettrace()``, a ``sys.monitoring`` debugger), when another module started it (``python -m
-pdb``, ``-m cProfile``), or when its code cannot be run again from the command line (``python -c``, a
-script read from stdin, an interactive session). Interpreter options
-(``-X``, ``-W``, ``-O``, ``-u``, ...) are kept: the command line is re-run exactly as given (``sys.orig_argv``).
+glibc reads ``GLIBC_TUNABLES`` only when a process starts (``mallopt`` from a running Python did not change the
+fault count), so the command-line entry points re-execute themselves once with it set, saying so on stderr. It
+needs Linux, glibc >= 2.35 and transparent huge pages not switched off. A ``GLIBC_TUNABLES`` already set is left
+alone; ``DEMKD_DEFAULT_MALLOC=1`` turns this off; elsewhere (a notebook, your own script) start Python with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``. A process that may use a GPU/TPU, runs under a debugger or another
+module (``-m pdb``), or cannot be started again from its command line never re-executes (:func:`reexec_blocker`).
 """
 
 from __future__ import annotations
@@ -121,8 +110,8 @@ def reexec_blocker(environ=None) -> str:
 def restart_with_huge_pages() -> None:
     """Replaces this process by the same command line with ``GLIBC_TUNABLES`` set; returns if not applicable.
 
-    Call it first thing under ``if __name__ == "__main__":`` (before JAX starts). The re-executed process
-    finds the variable set and goes on.
+    Call it first thing under ``if __name__ == "__main__":`` (before JAX starts). The command line is re-run
+    exactly as given (``sys.orig_argv``: interpreter options kept); the new process finds the variable set.
     """
     if not tunables_apply() or reexec_blocker():
         return

@@ -1,43 +1,6 @@
-"""Data parallelism with ``jax.sharding``: one code path from a laptop CPU to a TPU pod.
+"""Data parallelism with ``jax.sharding``: one 1-D ``"data"`` mesh axis from a laptop CPU to a TPU pod.
 
-The trainer runs the same ``jax.jit`` step everywhere; only the shardings of its inputs and outputs change.
-
-- **Mesh.** :func:`make_mesh` builds a 1-D :class:`jax.sharding.Mesh` with one axis, ``"data"``, over all
-  devices of all processes (``config.mesh.num_devices = -1``) or over the first ``n`` devices of a single
-  process (``n = 1`` turns data parallelism off). The axis is an ``Auto`` axis: the compiler propagates
-  the batch sharding through the unchanged model and loss code; we only pin the inputs, the batch and
-  the outputs.
-- **What is sharded.** The per-step batch is split along ``"data"`` (each device computes 1/n of it:
-  :func:`constrain_batch` right after the on-device gather). Student, connector and optimizer state and
-  the teachers' variables are replicated (:func:`replicated`). Every reduction over the batch axis --
-  BatchNorm's mean and variance, the loss means, the metric means, the gradients -- is a reduction over a
-  sharded axis, which XLA lowers to a cross-device all-reduce: BatchNorm statistics are those of the
-  *global* batch and a run does not depend on the device count (``tests/test_sharding.py`` checks
-  1 vs 8 devices, and that per-device statistics would have failed that check).
-- **The on-device dataset** (``config.mesh.dataset``):
-
-  - ``"replicated"`` (default): every device holds the whole split (CIFAR-100: 146 MiB train + 29 MiB
-    test as uint8, small next to any accelerator's memory). A step gathers its batch with indices that are
-    sharded along ``"data"``, so each device gathers only its own rows from its own copy: no
-    communication at all for the input pipeline.
-  - ``"sharded"``: every device holds 1/n of the split (rows zero-padded to a multiple of n; the padding
-    is never indexed). Batches are drawn from the whole split (a global shuffle, so the run is the same
-    as with a replicated dataset), so a device does not hold most of the rows it needs; XLA partitions
-    the gather as an all-gather of the B indices, a masked local gather on every device and an
-    all-reduce of the uint8 batch (B x 3 KiB per step). Use it when a split does not fit one device.
-
-  Either way each process builds the global arrays from the shards its own devices hold
-  (:func:`put_global`, ``jax.make_array_from_callback``): on a pod no host ever places another host's rows.
-- **Multi-host.** :func:`initialize_distributed` calls :func:`jax.distributed.initialize` when
-  ``config.distributed`` is ``"on"``, or ``"auto"`` and the environment is a multi-process launch
-  (:func:`detect_cluster`: ``JAX_COORDINATOR_ADDRESS``, SLURM or Open MPI with more than one task, a GKE
-  TPU pod's worker list, a multislice TPU). It must run before anything touches a JAX device, so the
-  trainer calls it first. Every process runs the same program on the same global arrays; only process 0
-  (:func:`is_primary`) prints, logs and writes files; every process calls Orbax (its CheckpointManager
-  coordinates the processes and writes each replicated array once).
-
-Nothing here is specific to CPU, GPU or TPU; the tests run it with 8 CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8``).
+What is sharded, where the on-device dataset lives, multi-host: docs/parallel.md.
 """
 
 from __future__ import annotations
@@ -49,39 +12,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from demkd_jax.config import default_mesh_config
-
 DATA_AXIS = "data"
 DISTRIBUTED_MODES = ("auto", "on", "off")
 DATASET_PLACEMENTS = ("replicated", "sharded")
-
-__all__ = [
-    "DATA_AXIS",
-    "DATASET_PLACEMENTS",
-    "DISTRIBUTED_MODES",
-    "default_mesh_config",
-    "detect_cluster",
-    "initialize_distributed",
-    "config_problem",
-    "mesh_size",
-    "make_mesh",
-    "replicated",
-    "batch_sharding",
-    "dataset_sharding",
-    "constrain_batch",
-    "put_global",
-    "put_replicated",
-    "put_dataset",
-    "with_sharding",
-    "is_primary",
-    "primary_only",
-    "sync",
-    "describe",
-]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Configuration
 
 
 def _int_env(name: str) -> int:
@@ -94,19 +27,10 @@ def _int_env(name: str) -> int:
 def detect_cluster() -> str | None:
     """Describes the multi-process launch this process is part of, or ``None`` for a single process.
 
-    Looks only at the environment (no network, no JAX backend), at the variables the launchers set and that
-    :func:`jax.distributed.initialize` reads when called without arguments:
-
-    - ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``): an explicit launch.
-    - SLURM with more than one task (``SLURM_NTASKS`` or ``SLURM_STEP_NUM_TASKS``).
-    - Open MPI with more than one rank (``OMPI_COMM_WORLD_SIZE``).
-    - A TPU pod on GKE (``TPU_WORKER_HOSTNAMES`` / ``TPU_PROCESS_ADDRESSES`` listing several hosts) or a
-      multislice TPU (``MEGASCALE_COORDINATOR_ADDRESS``).
-
-    A Cloud TPU VM pod slice created with ``gcloud compute tpus tpu-vm create`` publishes its workers only
-    through the metadata server, not the environment; JAX runs such pods without
-    ``jax.distributed.initialize()`` (the TPU runtime connects the hosts), and ``config.distributed="on"``
-    starts the coordination service there too (JAX finds the coordinator in the TPU metadata).
+    Reads only the environment variables that launchers set and ``jax.distributed.initialize()`` reads (no
+    network, no JAX backend). A Cloud TPU VM pod slice publishes its workers only through the metadata server:
+    JAX runs it without ``jax.distributed.initialize()``, and ``config.distributed="on"`` starts the
+    coordination service there too.
     """
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return f"JAX_COORDINATOR_ADDRESS={os.environ['JAX_COORDINATOR_ADDRESS']}"
@@ -127,10 +51,9 @@ def detect_cluster() -> str | None:
 def initialize_distributed(mode: str = "auto") -> bool:
     """Starts JAX's multi-process runtime if ``mode`` asks for it; returns whether it is running.
 
-    ``"off"``: never. ``"on"``: always (``jax.distributed.initialize()`` finds the coordinator, process count
-    and id from the cluster environment: SLURM, Open MPI, Cloud TPU, Kubernetes, or ``JAX_COORDINATOR_ADDRESS``,
-    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``). ``"auto"``: when :func:`detect_cluster` finds a multi-process
-    launch. Idempotent: a second call (a distillation run that first trains its teachers) does nothing.
+    ``"on"``: always (JAX finds coordinator, process count and id in the cluster environment); ``"auto"``: when
+    :func:`detect_cluster` finds a multi-process launch; ``"off"``: never. Idempotent: a second call (a
+    distillation run that first trains its teachers) does nothing.
     """
     if mode not in DISTRIBUTED_MODES:
         raise ValueError(f"unknown config.distributed {mode!r}; expected one of {', '.join(DISTRIBUTED_MODES)}")
@@ -155,10 +78,6 @@ def initialize_distributed(mode: str = "auto") -> bool:
     return True
 
 
-def _in_multiprocess() -> bool:
-    return jax.process_count() > 1
-
-
 def mesh_size(config) -> int:
     """The number of devices on the ``data`` axis that ``config.mesh.num_devices`` asks for."""
     n = int(config.mesh.num_devices)
@@ -180,7 +99,7 @@ def config_problem(config) -> str | None:
     if not isinstance(n, int) or not (n == -1 or 1 <= n <= n_all):
         return (f"config.mesh.num_devices must be -1 (all {n_all} devices) or between 1 and {n_all}, "
                 f"got {n!r}")
-    if _in_multiprocess() and n not in (-1, n_all):
+    if jax.process_count() > 1 and n not in (-1, n_all):
         return (f"config.mesh.num_devices={n} selects part of the devices, but this run spans "
                 f"{jax.process_count()} processes; use -1 (all {n_all} devices)")
     n = mesh_size(config)
@@ -193,16 +112,12 @@ def config_problem(config) -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Mesh and shardings
-
-
 def make_mesh(config_or_n: Any = -1) -> Mesh:
     """A 1-D mesh with axis ``"data"`` over ``mesh_size(config)`` devices (an int: that many; -1: all)."""
     n = config_or_n if isinstance(config_or_n, int) else mesh_size(config_or_n)
     if n == -1:
         n = jax.device_count()
-    devices = jax.devices() if n == jax.device_count() else jax.devices()[:n]
+    devices = jax.devices()[:n]
     axis_types = (jax.sharding.AxisType.Auto,)
     try:
         return jax.make_mesh((n,), (DATA_AXIS,), axis_types=axis_types, devices=devices)
@@ -245,10 +160,6 @@ def with_sharding(abstract_tree: Any, sharding: jax.sharding.Sharding) -> Any:
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_tree)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Host -> device
-
-
 def put_global(array: Any, sharding: jax.sharding.Sharding) -> jax.Array:
     """A global ``jax.Array`` from a host array every process holds, with ``sharding``.
 
@@ -277,14 +188,8 @@ def put_dataset(images: np.ndarray, labels: np.ndarray, mesh: Mesh, placement: s
     sharding = dataset_sharding(mesh, placement)
     if placement == "sharded":
         pad = -images.shape[0] % mesh.size
-        if pad:
-            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-            labels = np.concatenate([labels, np.zeros((pad,) + labels.shape[1:], labels.dtype)])
+        images, labels = (np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (images, labels))
     return put_global(images, sharding), put_global(labels, sharding)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Processes
 
 
 def is_primary() -> bool:
@@ -294,14 +199,12 @@ def is_primary() -> bool:
 
 def primary_only(fn: Callable) -> Callable:
     """``fn`` in process 0, a no-op elsewhere (for ``print``-like loggers)."""
-    if is_primary():
-        return fn
-    return lambda *args, **kwargs: None
+    return fn if is_primary() else lambda *args, **kwargs: None
 
 
 def sync(name: str) -> None:
     """A barrier across processes (no-op in a single process): e.g. after process 0 wrote files others read."""
-    if _in_multiprocess():
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)

@@ -3,29 +3,8 @@
     python -m demkd_jax.reproduce --protocol configs/protocols/cifar100_16px_pilot.py --workdir runs/pilot
     python -m demkd_jax.reproduce --pair vgg13-vgg8 --workdir runs/repro_vgg8
 
-A *protocol* (a Python file whose ``get_config()`` returns one; see configs/protocols/) fixes the data, the
-teachers (architecture, count, epochs, seed), the students (architecture, epochs, students per graph, data
-seeds), the schedule, the methods, and the comparisons decided on. ``--pair`` builds the lineage's protocol
-for a teacher-student pair: 240 epochs scaled by ``--epochs``, CE, KD, DKD, AVER, EBKD, CA-MKD, DE-MKD
-logits-only and DE-MKD.
-
-The K teachers train in one compiled step (or are reused); then every method trains ``students.seeds``
-independently initialised students in one graph, once per data seed (``config.seed``: the data order, the
-augmentation and the students' initialisation). Student ``r`` of data seed ``d`` is one *matched pair*
-across methods: same data order, same initial weights.
-
-``results.md`` and ``results.json`` in the workdir give, per method, the final-epoch top-1 (the primary
-metric) as mean ± std with a 95 % t-interval over all its students, the best-over-epochs top-1 (it selects
-on the test set: reported, never decided on), and the paired difference to every other method over the
-matched pairs. The protocol's primary method (DE-MKD) is compared with each of its baselines by the paired
-difference with a t-interval, Holm-corrected over those comparisons, and a verdict: "wins" if the lower
-bound is > 0, "does not win" if the upper bound is < the protocol's margin (+0.3 points), else
-"undecided". A positive control (single-teacher DKD against KD) must win at 95 %. With matplotlib installed,
-``accuracy.png`` (test top-1 per epoch, mean and min-max band over the students) and ``teacher_weights.png``
-(the mean weight of each teacher per epoch, where a method weights its teachers unequally) are written too.
-
-Every piece is a ``train_and_evaluate`` run in its own sub-directory (``teachers``, ``<method>/seed_<d>``):
-a rerun skips finished pieces and resumes an interrupted one from its checkpoints.
+Protocols, matched pairs, the statistics and the verdicts: docs/reproduce.md. Every piece runs in its own
+sub-directory of the workdir: a rerun skips finished pieces and resumes an interrupted one.
 """
 
 from __future__ import annotations
@@ -52,6 +31,7 @@ from demkd_jax import methods
 from demkd_jax import stats
 from demkd_jax import train
 from demkd_jax import validation
+from demkd_jax import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,9 +94,6 @@ def scaled_warmup(warmup: int, epochs: int) -> int:
     does), so ``warmup_epochs = 1`` is no warm-up at all; 2 is the shortest one (epoch 1 at half weight).
     """
     return max(2, round(warmup * epochs / 240))
-
-
-# --------------------------------------------------------------------------------------------- protocols
 
 
 def load_protocol(path: str) -> ml_collections.ConfigDict:
@@ -182,6 +159,14 @@ def protocol_template() -> ml_collections.ConfigDict:
     return p
 
 
+def cifar100_16px_data() -> ml_collections.ConfigDict:
+    """``protocol.data`` of the CIFAR-100 16 px proxy: the npz copy of the official split, 2x2 mean-pooled on load
+    (``image_size`` names the stored 32x32 images), crop padding 2, statistics computed from the pooled data."""
+    return ml_collections.ConfigDict({
+        "source": "npz", "name": "cifar100", "path": "../shared/data/cifar100", "num_classes": 100, "image_size": 32,
+        "downsample": 2, "crop_padding": 2, "normalization": "computed"})
+
+
 def pair_protocol(args) -> ml_collections.ConfigDict:
     """The lineage's protocol for ``--pair TEACHER-STUDENT`` and the scaling flags."""
     teacher, student = args.pair.split("-", 1)
@@ -208,14 +193,11 @@ def pair_protocol(args) -> ml_collections.ConfigDict:
 
 def _set(config: ml_collections.ConfigDict, key: str, value: Any, who: str) -> None:
     """``config[a][b] = value`` for ``key = "a.b"``; a key this version lacks is one clear error."""
-    target = config
     *path, leaf = key.split(".")
+    target = config
     for part in path:
-        if part not in target:
-            target = None
-            break
-        target = target[part]
-    if target is None or leaf not in target:
+        target = target.get(part) if isinstance(target, ml_collections.ConfigDict) else None
+    if not isinstance(target, ml_collections.ConfigDict) or leaf not in target:
         raise config_lib.ConfigError(f"{who} sets config key {key!r}, which this version of demkd_jax does not have")
     target[leaf] = value
 
@@ -276,17 +258,21 @@ def student_config(p: ml_collections.ConfigDict, args, name: str, data_seed: int
     return c
 
 
-def _validate_student(p, args, name: str, placeholder: list[str]) -> None:
-    cfg = student_config(p, args, name, p.students.data_seeds[0], placeholder)
-    cfg.teachers.num = len(cfg.teachers.checkpoints)
-    cfg.teachers.checkpoints = ()  # the teacher dirs do not exist yet
-    try:
-        validation.validate(cfg)
-    except config_lib.ConfigError as e:
-        raise config_lib.ConfigError(f"method {name!r} ({VARIANTS[name].label}): {e}") from e
-
-
-# ------------------------------------------------------------------------------------------------- runs
+def validated_teacher_config(p: ml_collections.ConfigDict, args, root: pathlib.Path,
+                             names: list[str]) -> ml_collections.ConfigDict:
+    """The teachers' config, after validating it and every method's (before any work, before the workdir)."""
+    teacher_cfg = teacher_run_config(p, args)
+    validation.validate(teacher_cfg, workdir=str(root))
+    placeholder = [str(root / "teachers" / f"teacher_{k}") for k in range(p.teachers.num)]
+    for name in names:
+        cfg = student_config(p, args, name, p.students.data_seeds[0], placeholder)
+        cfg.teachers.num = len(cfg.teachers.checkpoints)
+        cfg.teachers.checkpoints = ()  # the teacher dirs do not exist yet
+        try:
+            validation.validate(cfg)
+        except config_lib.ConfigError as e:
+            raise config_lib.ConfigError(f"method {name!r} ({VARIANTS[name].label}): {e}") from e
+    return teacher_cfg
 
 
 def _load_summary(workdir: pathlib.Path) -> dict | None:
@@ -295,11 +281,8 @@ def _load_summary(workdir: pathlib.Path) -> dict | None:
 
 
 def _read_history(workdir: pathlib.Path) -> list[dict]:
-    path = workdir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "test_acc_per_replica" in r]
+    """The per-epoch evaluation records of a finished piece."""
+    return [r for r in workdir_lib.MetricsLog(workdir, writable=False).read() if "test_acc_per_replica" in r]
 
 
 def selected_methods(p, wanted: list[str] | None) -> list[str]:
@@ -313,17 +296,34 @@ def selected_methods(p, wanted: list[str] | None) -> list[str]:
     return [m for m in p.methods if m in wanted or VARIANTS[m].label in wanted]
 
 
+def train_method(p: ml_collections.ConfigDict, args, name: str, root: pathlib.Path,
+                 teacher_dirs: list[str]) -> dict:
+    """One method's students on every data seed (finished pieces reused), as its row of the table."""
+    runs, weights, wall, speed = [], [], 0.0, []
+    for d in p.students.data_seeds:
+        workdir = root / name / f"seed_{d}"
+        summary = _load_summary(workdir)
+        if summary is None:
+            print(f"== {VARIANTS[name].label}, data seed {d}")
+            summary = train.train_and_evaluate(student_config(p, args, name, d, teacher_dirs), str(workdir))
+        else:
+            print(f"== {VARIANTS[name].label}, data seed {d}: done, reusing {workdir}")
+        history = _read_history(workdir)
+        for r, (final, best) in enumerate(zip(summary["final_test_acc"], summary["best_test_acc"])):
+            runs.append({"data_seed": d, "student_seed": r, "final_test_acc": final, "best_test_acc": best,
+                         "test_acc_per_epoch": [h["test_acc_per_replica"][r] for h in history]})
+        weights.append([h["train_teacher_weight"] for h in history if "train_teacher_weight" in h])
+        wall += summary["wall_time_s"]
+        speed.append(summary["img_per_s"])
+    return method_result(name, runs, weights, wall, float(np.median(speed)), p.confidence)
+
+
 def run(p: ml_collections.ConfigDict, args) -> dict[str, Any]:
+    """Trains what is not finished yet, then writes results.json, results.md and the plots; returns the results."""
     check_protocol(p)
     root = pathlib.Path(args.workdir).absolute()
     names = selected_methods(p, args.methods)
-    # Every piece's config is validated before any work (and before the workdir is created).
-    teacher_cfg = teacher_run_config(p, args)
-    validation.validate(teacher_cfg, workdir=str(root))
-    t_dir = root / "teachers"
-    placeholder = [str(t_dir / f"teacher_{k}") for k in range(p.teachers.num)]
-    for name in names:
-        _validate_student(p, args, name, placeholder)
+    teacher_cfg = validated_teacher_config(p, args, root, names)
     plot = args.plots and importlib.util.find_spec("matplotlib") is not None
     if args.plots and not plot:
         print("warning: matplotlib is not installed: no plots (pip install matplotlib, or the '.[plots]' extra); "
@@ -331,33 +331,14 @@ def run(p: ml_collections.ConfigDict, args) -> dict[str, Any]:
 
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    t_dir = root / "teachers"
     t_summary = _load_summary(t_dir)
     if t_summary is None or "teacher_dirs" not in t_summary:
         print(f"== teachers: {p.teachers.num} x {p.teachers.model}")
         t_summary = train.train_and_evaluate(teacher_cfg, str(t_dir))
     else:
         print(f"== teachers: reusing {t_dir}")
-    teacher_dirs = t_summary["teacher_dirs"]
-
-    rows = []
-    for name in names:
-        runs, weights, wall, speed = [], [], 0.0, []
-        for d in p.students.data_seeds:
-            workdir = root / name / f"seed_{d}"
-            summary = _load_summary(workdir)
-            if summary is None:
-                print(f"== {VARIANTS[name].label}, data seed {d}")
-                summary = train.train_and_evaluate(student_config(p, args, name, d, teacher_dirs), str(workdir))
-            else:
-                print(f"== {VARIANTS[name].label}, data seed {d}: done, reusing {workdir}")
-            history = _read_history(workdir)
-            for r, (final, best) in enumerate(zip(summary["final_test_acc"], summary["best_test_acc"])):
-                runs.append({"data_seed": d, "student_seed": r, "final_test_acc": final, "best_test_acc": best,
-                             "test_acc_per_epoch": [h["test_acc_per_replica"][r] for h in history]})
-            weights.append([h["train_teacher_weight"] for h in history if "train_teacher_weight" in h])
-            wall += summary["wall_time_s"]
-            speed.append(summary["img_per_s"])
-        rows.append(method_result(name, runs, weights, wall, float(np.median(speed)), p.confidence))
+    rows = [train_method(p, args, name, root, t_summary["teacher_dirs"]) for name in names]
 
     results = {
         "protocol": p.to_dict(),
@@ -374,10 +355,11 @@ def run(p: ml_collections.ConfigDict, args) -> dict[str, Any]:
     }
     results.update(analyse(p, results["teachers"], rows))
     (root / "results.json").write_text(json.dumps(results, indent=2))
-    (root / "results.md").write_text(results_markdown(results))
+    table = results_markdown(results)
+    (root / "results.md").write_text(table)
     if plot:
         write_plots(results, root)
-    print(results_markdown(results))
+    print(table)
     return results
 
 
@@ -397,9 +379,6 @@ def method_result(name: str, runs: list[dict], weights: list[list], wall: float,
         "teacher_weight_per_epoch": mean_weights,
         "img_per_s": img_per_s, "wall_time_s": round(wall, 1),
     }
-
-
-# ------------------------------------------------------------------------------------------- statistics
 
 
 def _finals(method: dict) -> dict[tuple[int, int], float]:
@@ -458,9 +437,6 @@ def analyse(p: ml_collections.ConfigDict, teachers: dict, rows: list[dict]) -> d
             "components": components, "gates": gates}
 
 
-# --------------------------------------------------------------------------------------------- markdown
-
-
 def _f(x: float | None, digits: int = 2, sign: bool = False) -> str:
     if x is None:
         return "–"
@@ -475,11 +451,10 @@ def _p(x: float | None) -> str:
     return "–" if x is None else f"{x:.3g}"
 
 
-def results_markdown(r: dict) -> str:
+def _md_setup(r: dict, conf: int) -> list[str]:
+    """The title, what was trained on what, and the table of every method."""
     p, t = r["protocol"], r["teachers"]
     s = p["students"]
-    conf = round(100 * p["confidence"])
-    label = {m["name"]: m["label"] for m in r["methods"]}
     lines = [
         f"# {p['name']} on {r['dataset']}",
         "",
@@ -508,6 +483,12 @@ def results_markdown(r: dict) -> str:
         lines.append(f"| {m['label']} | {fin['mean']:.2f} ± {fin['std']:.2f} | {_ci(fin['low'], fin['high'])} | "
                      f"{fin['n']} | {best['mean']:.2f} ± {best['std']:.2f} | {m['img_per_s']:.0f} | "
                      f"{m['wall_time_s']:.0f} |")
+    return lines
+
+
+def _md_decisions(r: dict, conf: int, label: dict[str, str]) -> list[str]:
+    """The primary method against each baseline (Holm-corrected, with verdicts), then the positive control."""
+    lines = []
     if r["comparisons"]:
         prim = label[r["comparisons"][0]["a"]]
         lines += [
@@ -516,8 +497,8 @@ def results_markdown(r: dict) -> str:
             "",
             f"Paired difference {prim} − baseline in final top-1 (points) over the matched pairs; intervals at "
             f"Holm-corrected levels (family-wise {conf} % over these {len(r['comparisons'])} comparisons). "
-            f"Verdict: wins if the lower bound > 0, does not win if the upper bound < +{p['margin']}, else "
-            "undecided.",
+            f"Verdict: wins if the lower bound > 0, does not win if the upper bound < +{r['protocol']['margin']}, "
+            "else undecided.",
             "",
             "| baseline | difference | interval | level | n | p | p (Holm) | verdict |",
             "|---|---|---|---|---|---|---|---|",
@@ -531,6 +512,11 @@ def results_markdown(r: dict) -> str:
         lines += ["", f"Positive control: {label[control['a']]} − {label[control['b']]} = "
                       f"{_f(control['mean'], sign=True)} {_ci(control['low'], control['high'], True)} "
                       f"({conf} %, n = {control['n']}): **{'passes' if control['passes'] else 'fails'}**."]
+    return lines
+
+
+def _md_components_and_gates(r: dict, conf: int, label: dict[str, str]) -> list[str]:
+    lines = []
     if r["components"]:
         lines += ["", "## Components", "", f"| difference | isolates | mean | {conf} % interval | n |",
                   "|---|---|---|---|---|"]
@@ -542,21 +528,33 @@ def results_markdown(r: dict) -> str:
         for g in r["gates"]:
             values = ", ".join(f"{label.get(k, k)} {v:+.2f}" for k, v in g["values"].items())
             lines.append(f"- {g['gate']}: **{'passes' if g['passes'] else 'fails'}** ({values})")
-    if len(r["methods"]) > 1:
-        lines += ["", f"## Paired differences (row − column, final top-1, {conf} % interval)", "",
-                  "| | " + " | ".join(m["label"] for m in r["methods"][1:]) + " |",
-                  "|---" * len(r["methods"]) + "|"]
-        cell = {(c["a"], c["b"]): c for c in r["pairwise"]}
-        for i, a in enumerate(r["methods"][:-1]):
-            row = []
-            for j, b in enumerate(r["methods"][1:], start=1):
-                c = cell.get((a["name"], b["name"]))
-                row.append("" if j <= i or c is None else f"{_f(c['mean'], sign=True)} {_ci(c['low'], c['high'], True)}")
-            lines.append(f"| {a['label']} | " + " | ".join(row) + " |")
+    return lines
+
+
+def _md_pairwise(r: dict, conf: int) -> list[str]:
+    """The upper triangle of every method's paired difference to every later one."""
+    if len(r["methods"]) < 2:
+        return []
+    lines = ["", f"## Paired differences (row − column, final top-1, {conf} % interval)", "",
+             "| | " + " | ".join(m["label"] for m in r["methods"][1:]) + " |",
+             "|---" * len(r["methods"]) + "|"]
+    cell = {(c["a"], c["b"]): c for c in r["pairwise"]}
+    for i, a in enumerate(r["methods"][:-1]):
+        row = []
+        for j, b in enumerate(r["methods"][1:], start=1):
+            c = cell.get((a["name"], b["name"]))
+            row.append("" if j <= i or c is None else f"{_f(c['mean'], sign=True)} {_ci(c['low'], c['high'], True)}")
+        lines.append(f"| {a['label']} | " + " | ".join(row) + " |")
+    return lines
+
+
+def results_markdown(r: dict) -> str:
+    """results.md from results.json's content."""
+    conf = round(100 * r["protocol"]["confidence"])
+    label = {m["name"]: m["label"] for m in r["methods"]}
+    lines = (_md_setup(r, conf) + _md_decisions(r, conf, label) + _md_components_and_gates(r, conf, label)
+             + _md_pairwise(r, conf))
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------- plots
 
 
 def write_plots(r: dict, directory: pathlib.Path) -> list[pathlib.Path]:
@@ -568,7 +566,15 @@ def write_plots(r: dict, directory: pathlib.Path) -> list[pathlib.Path]:
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
 
-    written = []
+    def save(fig, axes, name: str) -> pathlib.Path:
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.tight_layout()
+        fig.savefig(directory / name, dpi=120)
+        plt.close(fig)
+        return directory / name
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in r["methods"]:
         epochs = np.arange(1, len(m["curve_mean"]) + 1)
@@ -576,12 +582,7 @@ def write_plots(r: dict, directory: pathlib.Path) -> list[pathlib.Path]:
         ax.fill_between(epochs, m["curve_min"], m["curve_max"], color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set(xlabel="epoch", ylabel="test top-1 (%)", title=f"{r['protocol']['name']}: mean and range over students")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    written.append(directory / "accuracy.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written = [save(fig, [ax], "accuracy.png")]
 
     weighted = [m for m in r["methods"] if m["teacher_weight_per_epoch"]
                 and np.ptp(np.array(m["teacher_weight_per_epoch"])) > 1e-6]
@@ -592,18 +593,10 @@ def write_plots(r: dict, directory: pathlib.Path) -> list[pathlib.Path]:
             for k in range(w.shape[1]):
                 ax.plot(np.arange(1, len(w) + 1), w[:, k], label=f"teacher {k}")
             ax.set(title=m["label"], xlabel="epoch")
-            ax.grid(alpha=0.3)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[0][0].set_ylabel("mean weight per example")
         axes[0][0].legend(fontsize=8)
-        fig.tight_layout()
-        written.append(directory / "teacher_weights.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(save(fig, axes[0], "teacher_weights.png"))
     return written
-
-
-# ------------------------------------------------------------------------------------------------- CLI
 
 
 def parse_args(argv=None):

@@ -13,7 +13,7 @@ DE-MKD with CA-MKD's 1/K teacher reduction is a declared secondary (not in the H
 control: single-teacher DKD beats KD. Every piece resumes from its checkpoints; a rerun skips finished ones.
 """
 
-from demkd_jax.reproduce import protocol_template
+from demkd_jax.reproduce import cifar100_16px_data, protocol_template
 
 
 def get_config():
@@ -21,11 +21,7 @@ def get_config():
     p.name = "cifar100_16px_main"
     p.description = ("A proxy at CPU scale, not the paper's protocol: CIFAR-100 mean-pooled to 16x16, "
                      "3 x resnet20 teachers and resnet8 students, 30 epochs each, 6 matched pairs per method.")
-    p.data.update({"source": "npz", "name": "cifar100", "path": "../shared/data/cifar100", "num_classes": 100})
-    p.data.image_size = 32  # the stored images; downsample makes them 16x16
-    p.data.downsample = 2
-    p.data.crop_padding = 2
-    p.data.normalization = "computed"
+    p.data = cifar100_16px_data()
     p.batch_size = 64
     p.teachers.update({"model": "resnet20", "num": 3, "epochs": 30, "lr_decay_epochs": (19, 22, 26),
                        "seed": 1000})

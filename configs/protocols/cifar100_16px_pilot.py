@@ -11,7 +11,7 @@ weights, DE-MKD logits-only, DE-MKD with features. Gates: distillation beats CE 
 ensemble beats its best member by >= 1. It measures the seed-to-seed spread that sizes the main run.
 """
 
-from demkd_jax.reproduce import protocol_template, scaled_decay
+from demkd_jax.reproduce import cifar100_16px_data, protocol_template, scaled_decay
 
 
 def get_config():
@@ -19,15 +19,11 @@ def get_config():
     p.name = "cifar100_16px_pilot"
     p.description = ("A proxy at CPU scale, not the paper's protocol: CIFAR-100 mean-pooled to 16x16, "
                      "3 x resnet14 teachers and resnet8 students, 15 epochs each.")
-    p.data.update({"source": "npz", "name": "cifar100", "path": "../shared/data/cifar100", "num_classes": 100})
-    p.data.image_size = 32  # the stored images; downsample makes them 16x16
-    p.data.downsample = 2
-    p.data.crop_padding = 2
-    p.data.normalization = "computed"
+    p.data = cifar100_16px_data()
     p.batch_size = 64
     p.teachers.update({"model": "resnet14", "num": 3, "epochs": 15, "lr_decay_epochs": scaled_decay(15),
                        "seed": 1000})
-    # Independent data orders for the teachers trained side by side (issue 14's per-replica order).
+    # Independent data orders for the teachers trained side by side.
     p.teachers.overrides = (("data_order", "per_replica"),)
     p.students.update({"model": "resnet8", "epochs": 15, "seeds": 3, "data_seeds": (0,),
                        "lr_decay_epochs": scaled_decay(15), "warmup_epochs": 2, "beta": 2.0})
