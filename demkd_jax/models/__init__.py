@@ -20,34 +20,17 @@ from demkd_jax.models import mobilenetv2, resnet, shufflenet, vgg, wrn
 from demkd_jax.models.connectors import Connector, StackedConnector, resize_feature_map
 from demkd_jax.models.layers import BN_EPSILON
 
-__all__ = [
-    "MODEL_NAMES",
-    "PARAM_COUNTS",
-    "create_model",
-    "init_variables",
-    "count_params",
-    "fold_batchnorm",
-    "Connector",
-    "StackedConnector",
-    "resize_feature_map",
-]
+__all__ = ["MODEL_NAMES", "PARAM_COUNTS", "create_model", "init_variables", "count_params", "fold_batchnorm",
+           "Connector", "StackedConnector", "resize_feature_map"]
 
-
-def _factories() -> dict[str, Callable[..., nn.Module]]:
-    table: dict[str, Callable[..., nn.Module]] = {}
-    for name, stages in vgg.CONFIGS.items():
-        table[name] = functools.partial(vgg.VGG, stages)
-    for name, (depth, filters) in resnet.CONFIGS.items():
-        table[name] = functools.partial(resnet.ResNet, depth, filters)
-    for name, (depth, k) in wrn.CONFIGS.items():
-        table[name] = functools.partial(wrn.WideResNet, depth, k)
-    table["ShuffleV1"] = shufflenet.ShuffleNetV1
-    table["ShuffleV2"] = shufflenet.ShuffleNetV2
-    table["MobileNetV2"] = mobilenetv2.MobileNetV2
-    return table
-
-
-_FACTORIES = _factories()
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    **{name: functools.partial(vgg.VGG, stages) for name, stages in vgg.CONFIGS.items()},
+    **{name: functools.partial(resnet.ResNet, *config) for name, config in resnet.CONFIGS.items()},
+    **{name: functools.partial(wrn.WideResNet, *config) for name, config in wrn.CONFIGS.items()},
+    "ShuffleV1": shufflenet.ShuffleNetV1,
+    "ShuffleV2": shufflenet.ShuffleNetV2,
+    "MobileNetV2": mobilenetv2.MobileNetV2,
+}
 MODEL_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 # Trainable parameters for 100 classes of the PyTorch reference (docs/method.md §5).
@@ -80,7 +63,7 @@ def create_model(
         (use with :func:`fold_batchnorm`; for frozen teachers).
       winograd: compute the 3x3 stride-1 convolutions of small feature maps with Winograd F(2x2, 3x3)
         (:mod:`demkd_jax.models.winograd`; same parameters). ShuffleNets and MobileNetV2 have no such
-        convolution (theirs are depthwise) and ignore it.
+        convolution (theirs are depthwise), so it changes nothing there.
     """
     if name not in _FACTORIES:
         raise ValueError(f"unknown model name {name!r}; expected one of: {', '.join(MODEL_NAMES)}")
@@ -88,8 +71,8 @@ def create_model(
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if not width > 0:
         raise ValueError(f"width must be > 0, got {width}")
-    extra = {"winograd": winograd} if name not in ("ShuffleV1", "ShuffleV2", "MobileNetV2") else {}
-    return _FACTORIES[name](num_classes=num_classes, width=width, dtype=jnp.dtype(dtype), fold_bn=fold_bn, **extra)
+    return _FACTORIES[name](num_classes=num_classes, width=width, dtype=jnp.dtype(dtype), fold_bn=fold_bn,
+                            winograd=winograd)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int = 32, batch_size: int = 2):
@@ -114,7 +97,8 @@ def fold_batchnorm(variables: dict) -> dict:
             conv, bn, bn_stats = p["conv"], p["bn"], s["bn"]
             scale = bn["scale"] * jax.lax.rsqrt(bn_stats["var"] + BN_EPSILON)
             bias = conv.get("bias", jnp.zeros_like(bn["bias"]))
-            return {"conv": {"kernel": conv["kernel"] * scale, "bias": (bias - bn_stats["mean"]) * scale + bn["bias"]}}, {}
+            folded = {"kernel": conv["kernel"] * scale, "bias": (bias - bn_stats["mean"]) * scale + bn["bias"]}
+            return {"conv": folded}, {}
         if not all(isinstance(v, dict) for v in p.values()):  # a leaf module: conv, dense or standalone BN
             return p, s
         new_p, new_s = {}, {}

@@ -33,13 +33,11 @@ def summary(name: str, num_classes: int = 100, depth: int = 2, image_size: int =
         jnp.zeros((1, image_size, image_size, 3)), train=False
     )
     n = count_params(variables["params"])
-    lines = [table, f"model: {name}   classes: {num_classes}"]
     ref = PARAM_COUNTS.get(name) if num_classes == 100 else None
     check = "" if ref is None else (" (= PyTorch reference)" if n == ref else f" (reference: {ref:,})")
-    lines.append(f"trainable parameters: {n:,}{check}")
     flops = forward_flops(model, variables, image_size=image_size)
-    lines.append(f"forward FLOPs per {image_size}x{image_size} image: {flops / 1e6:,.1f} M")
-    return "\n".join(lines)
+    return "\n".join([table, f"model: {name}   classes: {num_classes}", f"trainable parameters: {n:,}{check}",
+                      f"forward FLOPs per {image_size}x{image_size} image: {flops / 1e6:,.1f} M"])
 
 
 def main(argv: list[str] | None = None) -> int:

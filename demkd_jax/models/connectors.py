@@ -6,6 +6,7 @@ connector; the connectors train with the student.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import chex
@@ -13,17 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from demkd_jax.models.layers import batch_norm, torch_default_bias, torch_default_kernel
-
-__all__ = ["resize_feature_map", "Connector", "StackedConnector"]
-
-
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
+from demkd_jax.models.layers import batch_norm, conv, torch_default_bias, torch_default_kernel
 
 
 def resize_feature_map(x: jax.Array, out_size: int | Sequence[int]) -> jax.Array:
@@ -35,7 +26,7 @@ def resize_feature_map(x: jax.Array, out_size: int | Sequence[int]) -> jax.Array
     align_corners=False)``.
     """
     chex.assert_rank(x, 4)
-    out_h, out_w = _pair(out_size)
+    out_h, out_w = (out_size, out_size) if isinstance(out_size, int) else map(int, out_size)
     b, h, w, c = x.shape
     if min(out_h, out_w) < 1:
         raise ValueError(f"out_size must be positive, got {(out_h, out_w)}")
@@ -79,22 +70,13 @@ class Connector(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         chex.assert_rank(x, 4)
         x = resize_feature_map(x.astype(self.dtype), self.out_size)
-        fan_in = x.shape[-1]
-        x = nn.Conv(
-            self.out_channels,
-            (1, 1),
-            use_bias=True,
-            kernel_init=torch_default_kernel,
-            bias_init=torch_default_bias(fan_in),
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="conv",
-        )(x)
+        x = conv(self.out_channels, 1, use_bias=True, kernel_init=torch_default_kernel,
+                 bias_init=torch_default_bias(x.shape[-1]), dtype=self.dtype, name="conv")(x)
         x = batch_norm(None, self.dtype, name="bn")(x, use_running_average=not train)
         return nn.relu(x) if self.use_relu else x
 
 
-class StackedConnector(nn.Module):
+class StackedConnector(Connector):
     """K connectors for K teachers of one architecture, with variables stacked on a leading axis.
 
     ``nn.vmap`` of :class:`Connector` over the teacher axis (params and batch_stats stacked on axis 0,
@@ -102,11 +84,8 @@ class StackedConnector(nn.Module):
     out_channels]`` out. Slicing the variables at ``k`` gives a plain ``Connector``'s variables.
     """
 
+    _: dataclasses.KW_ONLY
     num_teachers: int
-    out_channels: int
-    out_size: int | tuple[int, int]
-    dtype: Any = jnp.float32
-    use_relu: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:

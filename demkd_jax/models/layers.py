@@ -13,7 +13,8 @@ Conventions (match the PyTorch reference zoo of CRD/RepDistiller and CA-MKD):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import dataclasses
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import flax.linen as nn
 import jax
@@ -53,17 +54,35 @@ def scale_channels(channels: int, width: float, divisor: int = 1) -> int:
 
 def batch_norm(train: bool | None, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
     """PyTorch-equivalent BatchNorm; ``train=None`` leaves the mode to be passed at call time."""
-    return nn.BatchNorm(
-        use_running_average=None if train is None else not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+    return nn.BatchNorm(use_running_average=None if train is None else not train, momentum=BN_MOMENTUM,
+                        epsilon=BN_EPSILON, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-class ConvBN(nn.Module):
+def conv(features: int, kernel_size: int, strides: int = 1, *, groups: int = 1, use_bias: bool = False,
+         kernel_init: Initializer = he_normal_fan_out, bias_init: Initializer = nn.initializers.zeros,
+         dtype: Dtype = jnp.float32, winograd: bool = False, name: str | None = None) -> nn.Conv:
+    """A bare convolution with PyTorch's symmetric ``padding=k//2``."""
+    pad = (kernel_size - 1) // 2
+    return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides), padding=((pad, pad), (pad, pad)),
+                   feature_group_count=groups, use_bias=use_bias, kernel_init=kernel_init, bias_init=bias_init,
+                   dtype=dtype, param_dtype=jnp.float32, name=name,
+                   conv_general_dilated=winograd_lib.conv_general_dilated if winograd else None)
+
+
+class ConvOptions(nn.Module):
+    """Base of the zoo's modules: the keyword-only options every convolution takes (see the module docstring)."""
+
+    _: dataclasses.KW_ONLY
+    dtype: Dtype = jnp.float32
+    fold_bn: bool = False
+    winograd: bool = False
+
+    @property
+    def conv_options(self) -> dict:
+        return dict(dtype=self.dtype, fold_bn=self.fold_bn, winograd=self.winograd)
+
+
+class ConvBN(ConvOptions):
     """Convolution followed by BatchNorm (no activation), or their folded inference form.
 
     Parameters live under ``conv`` and ``bn`` so that the pair can be found and folded generically.
@@ -75,68 +94,16 @@ class ConvBN(nn.Module):
     groups: int = 1
     conv_bias: bool = False
     kernel_init: Initializer = he_normal_fan_out
-    dtype: Dtype = jnp.float32
-    fold_bn: bool = False
-    winograd: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        pad = (self.kernel_size - 1) // 2
-        x = nn.Conv(
-            self.features,
-            (self.kernel_size, self.kernel_size),
-            strides=(self.strides, self.strides),
-            padding=((pad, pad), (pad, pad)),
-            feature_group_count=self.groups,
-            use_bias=self.conv_bias or self.fold_bn,
-            kernel_init=self.kernel_init,
-            bias_init=nn.initializers.zeros,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            conv_general_dilated=winograd_lib.conv_general_dilated if self.winograd else None,
-            name="conv",
-        )(x)
-        if self.fold_bn:
-            return x
-        return batch_norm(train, self.dtype, name="bn")(x)
+        x = conv(self.features, self.kernel_size, self.strides, groups=self.groups,
+                 use_bias=self.conv_bias or self.fold_bn, kernel_init=self.kernel_init, dtype=self.dtype,
+                 winograd=self.winograd, name="conv")(x)
+        return x if self.fold_bn else batch_norm(train, self.dtype, name="bn")(x)
 
 
-def conv(
-    features: int,
-    kernel_size: int,
-    strides: int = 1,
-    *,
-    use_bias: bool = False,
-    kernel_init: Initializer = he_normal_fan_out,
-    dtype: Dtype = jnp.float32,
-    winograd: bool = False,
-    name: str | None = None,
-) -> nn.Conv:
-    """A bare convolution with PyTorch's symmetric ``padding=k//2``."""
-    pad = (kernel_size - 1) // 2
-    return nn.Conv(
-        features,
-        (kernel_size, kernel_size),
-        strides=(strides, strides),
-        padding=((pad, pad), (pad, pad)),
-        use_bias=use_bias,
-        kernel_init=kernel_init,
-        bias_init=nn.initializers.zeros,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        conv_general_dilated=winograd_lib.conv_general_dilated if winograd else None,
-        name=name,
-    )
-
-
-def dense(
-    features: int,
-    fan_in: int,
-    *,
-    init: str,
-    dtype: Dtype = jnp.float32,
-    name: str | None = None,
-) -> nn.Dense:
+def dense(features: int, fan_in: int, *, init: str, dtype: Dtype = jnp.float32) -> nn.Dense:
     """The classifier layer with one of the reference zoo's initialisations.
 
     ``init``: ``"normal_0.01"`` (VGG, MobileNetV2: N(0, 0.01), zero bias), ``"torch"`` (PyTorch default,
@@ -150,14 +117,7 @@ def dense(
         kernel_init, bias_init = torch_default_kernel, nn.initializers.zeros
     else:
         raise ValueError(f"unknown classifier init {init!r}")
-    return nn.Dense(
-        features,
-        kernel_init=kernel_init,
-        bias_init=bias_init,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+    return nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype, param_dtype=jnp.float32)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
@@ -165,22 +125,44 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
     return jnp.mean(x, axis=(1, 2))
 
 
-def pooled_logits(classifier: Callable, feature_map: jax.Array, dtype: Dtype) -> jax.Array:
-    """float32 logits of an NHWC map through global average pooling and ``classifier`` (the models' ``head``)."""
-    return classifier(global_avg_pool(feature_map.astype(dtype))).astype(jnp.float32)
+class ZooModel(ConvOptions):
+    """Base of the zoo's classifiers: ``(logits, features)`` from ``__call__``, logits from ``head``."""
+
+    _: dataclasses.KW_ONLY
+    num_classes: int = 100
+    width: float = 1.0
+    classifier_attr: ClassVar[str] = "fc"  # the classifier's attribute, hence parameter, name
+
+    def outputs(self, feats: Sequence[jax.Array]) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """float32 logits and ``(*feats, pooled)``: the last map of ``feats`` pooled and classified."""
+        pooled = global_avg_pool(feats[-1])
+        return getattr(self, self.classifier_attr)(pooled).astype(jnp.float32), (*feats, pooled)
+
+    def head(self, feature_map: jax.Array, train: bool = False) -> jax.Array:
+        """Logits from ``features[-2]`` (pool + classifier)."""
+        del train
+        return self.outputs([feature_map.astype(self.dtype)])[0]
 
 
-def run_stages(stem: Callable, stages: Sequence[Sequence[Callable]], x: jax.Array, train: bool, dtype: Dtype
-               ) -> tuple[jax.Array, list[jax.Array]]:
-    """``relu(stem(x))``, then each stage's blocks in turn; returns the last map and the map after the stem and
-    after every stage (ResNet, ShuffleNetV1)."""
-    x = nn.relu(stem(x.astype(dtype), train))
-    feats = [x]
+def make_stages(block: Callable[[int, int, int, int], nn.Module], in_channels: int,
+                stages: Iterable[tuple[int, int, int]]) -> list[list[nn.Module]]:
+    """``block(stage, in_channels, out_channels, strides)`` for each ``(out_channels, count, strides)`` of ``stages``:
+    the first block of a stage changes the width and takes the stride, the others keep both."""
+    layers = []
+    for stage, (out, count, strides) in enumerate(stages):
+        layers.append([block(stage, out if i else in_channels, out, 1 if i else strides) for i in range(count)])
+        in_channels = out
+    return layers
+
+
+def run_stages(stages: Sequence[Sequence[Callable]], x: jax.Array, train: bool) -> list[jax.Array]:
+    """Each stage's blocks in turn; returns the map after every stage."""
+    maps = []
     for blocks in stages:
         for block in blocks:
             x = block(x, train)
-        feats.append(x)
-    return x, feats
+        maps.append(x)
+    return maps
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

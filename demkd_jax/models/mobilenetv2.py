@@ -11,23 +11,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from demkd_jax.models.layers import ConvBN, Dtype, dense, global_avg_pool, scale_channels
+from demkd_jax.models.layers import (ConvBN, ConvOptions, ZooModel, dense, global_avg_pool, make_stages, run_stages,
+                                     scale_channels)
 
 # expansion t, channels c, repeats n, stride s (before width scaling)
 SETTING = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
 
-class InvertedResidual(nn.Module):
+class InvertedResidual(ConvOptions):
     in_channels: int
     out_channels: int
     strides: int
     expansion: int
-    dtype: Dtype = jnp.float32
-    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        kw = dict(dtype=self.dtype, fold_bn=self.fold_bn)
+        kw = self.conv_options
         hidden = self.in_channels * self.expansion
         out = nn.relu(ConvBN(hidden, 1, name="expand", **kw)(x, train))
         out = nn.relu(ConvBN(hidden, 3, self.strides, hidden, name="depthwise", **kw)(out, train))
@@ -37,29 +36,19 @@ class InvertedResidual(nn.Module):
         return out
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(ZooModel):
     expansion: int = 6
     width_mult: float = 0.5
-    num_classes: int = 100
-    width: float = 1.0
-    dtype: Dtype = jnp.float32
-    fold_bn: bool = False
+    classifier_attr = "classifier"
 
     def setup(self):
-        kw = dict(dtype=self.dtype, fold_bn=self.fold_bn)
+        kw = self.conv_options
         w = self.width_mult * self.width
-        in_channels = max(1, int(32 * w))
-        self.stem = ConvBN(in_channels, 3, 2, **kw)
-        blocks = []
-        for t, c, n, s in SETTING:
-            out = max(1, int(c * w))
-            t = t if t == 1 else self.expansion
-            stage = []
-            for i in range(n):
-                stage.append(InvertedResidual(in_channels, out, s if i == 0 else 1, t, **kw))
-                in_channels = out
-            blocks.append(stage)
-        self.blocks = blocks
+        stem = max(1, int(32 * w))
+        self.stem = ConvBN(stem, 3, 2, **kw)
+        expansion = [t if t == 1 else self.expansion for t, _, _, _ in SETTING]
+        self.blocks = make_stages(lambda stage, cin, cout, s: InvertedResidual(cin, cout, s, expansion[stage], **kw),
+                                  stem, [(max(1, int(c * w)), n, s) for _, c, n, s in SETTING])
         last = int(1280 * self.width_mult) if self.width_mult > 1.0 else 1280
         last = scale_channels(last, self.width)
         self.conv_last = ConvBN(last, 1, **kw)
@@ -67,14 +56,9 @@ class MobileNetV2(nn.Module):
 
     def __call__(self, x: jax.Array, train: bool = True):
         x = nn.relu(self.stem(x.astype(self.dtype), train))
-        feats = [x]
-        for i, stage in enumerate(self.blocks):
-            for block in stage:
-                x = block(x, train)
-            if i in (1, 2, 4, 6):
-                feats.append(x)
-        pooled = self._pool(x, train)
-        return self.classifier(pooled).astype(jnp.float32), (*feats, pooled)
+        maps = run_stages(self.blocks, x, train)
+        pooled = self._pool(maps[-1], train)
+        return self.classifier(pooled).astype(jnp.float32), (x, maps[1], maps[2], maps[4], maps[6], pooled)
 
     def _pool(self, feature_map: jax.Array, train: bool) -> jax.Array:
         return global_avg_pool(nn.relu(self.conv_last(feature_map, train)))

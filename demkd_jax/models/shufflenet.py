@@ -7,42 +7,29 @@ pooled), for ShuffleV1 it is layer3's output.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from demkd_jax.models.layers import (
-    ConvBN,
-    Dtype,
-    channel_shuffle,
-    dense,
-    global_avg_pool,
-    pooled_logits,
-    run_stages,
-    scale_channels,
-    torch_default_kernel,
-)
+from demkd_jax.models.layers import (ConvBN, ConvOptions, ZooModel, channel_shuffle, dense, make_stages, run_stages,
+                                     scale_channels, torch_default_kernel)
 
 
-def _conv_bn(features, kernel_size, strides=1, groups=1, *, dtype, fold_bn, name):
-    return ConvBN(features, kernel_size, strides, groups, kernel_init=torch_default_kernel, dtype=dtype,
-                  fold_bn=fold_bn, name=name)
+_conv_bn = functools.partial(ConvBN, kernel_init=torch_default_kernel)
 
 
-class ShuffleV1Bottleneck(nn.Module):
-    in_planes: int
+class ShuffleV1Bottleneck(ConvOptions):
     out_planes: int
     strides: int
     groups: int
     first_group_conv: bool  # False for the very first block (24-channel stem): g = 1 as the reference
-    dtype: Dtype = jnp.float32
-    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        kw = dict(dtype=self.dtype, fold_bn=self.fold_bn)
+        kw = self.conv_options
         mid = self.out_planes // 4
         g = self.groups if self.first_group_conv else 1
         out = nn.relu(_conv_bn(mid, 1, 1, g, name="conv_bn1", **kw)(x, train))
@@ -55,51 +42,36 @@ class ShuffleV1Bottleneck(nn.Module):
         return nn.relu(out + x)
 
 
-class ShuffleNetV1(nn.Module):
+class ShuffleNetV1(ZooModel):
     out_planes: Sequence[int] = (240, 480, 960)
     num_blocks: Sequence[int] = (4, 8, 4)
     groups: int = 3
-    num_classes: int = 100
-    width: float = 1.0
-    dtype: Dtype = jnp.float32
-    fold_bn: bool = False
+    classifier_attr = "linear"
 
     def setup(self):
-        kw = dict(dtype=self.dtype, fold_bn=self.fold_bn)
         # Multiples of 4 * groups keep every grouped conv and the concatenation consistent at any width.
         stem = scale_channels(24, self.width, 4 * self.groups)
         planes = [scale_channels(p, self.width, 4 * self.groups) for p in self.out_planes]
-        self.stem = _conv_bn(stem, 1, name=None, **kw)
-        layers, in_planes = [], stem
-        for stage, (out, n) in enumerate(zip(planes, self.num_blocks)):
-            blocks = []
-            for i in range(n):
-                cat = in_planes if i == 0 else 0
-                blocks.append(ShuffleV1Bottleneck(in_planes, out - cat, 2 if i == 0 else 1, self.groups,
-                                                  first_group_conv=not (stage == 0 and i == 0), **kw))
-                in_planes = out
-            layers.append(blocks)
-        self.layers = layers
+        self.stem = _conv_bn(stem, 1, **self.conv_options)
+
+        def block(stage, cin, cout, s):  # a stage's first block (stride 2) concatenates its input to its own output
+            return ShuffleV1Bottleneck(cout - cin if s == 2 else cout, s, self.groups,
+                                       first_group_conv=stage > 0 or s == 1, **self.conv_options)
+
+        self.layers = make_stages(block, stem, zip(planes, self.num_blocks, (2, 2, 2)))
         self.linear = dense(self.num_classes, planes[-1], init="torch", dtype=self.dtype)
 
     def __call__(self, x: jax.Array, train: bool = True):
-        x, feats = run_stages(self.stem, self.layers, x, train, self.dtype)
-        pooled = global_avg_pool(x)
-        return self.linear(pooled).astype(jnp.float32), (*feats, pooled)
-
-    def head(self, feature_map: jax.Array, train: bool = False) -> jax.Array:
-        del train
-        return pooled_logits(self.linear, feature_map, self.dtype)
+        x = nn.relu(self.stem(x.astype(self.dtype), train))
+        return self.outputs([x, *run_stages(self.layers, x, train)])
 
 
-class ShuffleV2Block(nn.Module):
+class ShuffleV2Block(ConvOptions):
     channels: int
-    dtype: Dtype = jnp.float32
-    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        kw = dict(dtype=self.dtype, fold_bn=self.fold_bn)
+        kw = self.conv_options
         c = self.channels // 2
         x1, x2 = x[..., :c], x[..., c:]
         out = nn.relu(_conv_bn(c, 1, name="conv_bn1", **kw)(x2, train))
@@ -108,15 +80,13 @@ class ShuffleV2Block(nn.Module):
         return channel_shuffle(jnp.concatenate([x1, out], axis=-1), 2)
 
 
-class ShuffleV2DownBlock(nn.Module):
+class ShuffleV2DownBlock(ConvOptions):
     in_channels: int
     out_channels: int
-    dtype: Dtype = jnp.float32
-    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        kw = dict(dtype=self.dtype, fold_bn=self.fold_bn)
+        kw = self.conv_options
         mid = self.out_channels // 2
         left = _conv_bn(self.in_channels, 3, 2, self.in_channels, name="conv_bn1", **kw)(x, train)
         left = nn.relu(_conv_bn(mid, 1, name="conv_bn2", **kw)(left, train))
@@ -126,41 +96,25 @@ class ShuffleV2DownBlock(nn.Module):
         return channel_shuffle(jnp.concatenate([left, right], axis=-1), 2)
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(ZooModel):
     out_channels: Sequence[int] = (116, 232, 464, 1024)
     num_blocks: Sequence[int] = (3, 7, 3)
-    num_classes: int = 100
-    width: float = 1.0
-    dtype: Dtype = jnp.float32
-    fold_bn: bool = False
+    classifier_attr = "linear"
 
     def setup(self):
-        kw = dict(dtype=self.dtype, fold_bn=self.fold_bn)
+        kw = self.conv_options
         stem = scale_channels(24, self.width, 2)
         channels = [scale_channels(c, self.width, 2) for c in self.out_channels]
-        self.stem = _conv_bn(stem, 1, name=None, **kw)
+        self.stem = _conv_bn(stem, 1, **kw)
         layers, in_channels = [], stem
         for out, n in zip(channels[:3], self.num_blocks):
             layers.append([ShuffleV2DownBlock(in_channels, out, **kw)] + [ShuffleV2Block(out, **kw) for _ in range(n)])
             in_channels = out
         self.layers = layers
-        self.conv_last = _conv_bn(channels[3], 1, name=None, **kw)
+        self.conv_last = _conv_bn(channels[3], 1, **kw)
         self.linear = dense(self.num_classes, channels[3], init="torch", dtype=self.dtype)
 
     def __call__(self, x: jax.Array, train: bool = True):
         x = nn.relu(self.stem(x.astype(self.dtype), train))
-        feats = [x]
-        for blocks in self.layers[:2]:
-            for block in blocks:
-                x = block(x, train)
-            feats.append(x)
-        for block in self.layers[2]:
-            x = block(x, train)
-        x = nn.relu(self.conv_last(x, train))
-        pooled = global_avg_pool(x)
-        logits = self.linear(pooled).astype(jnp.float32)
-        return logits, (*feats, x, pooled)
-
-    def head(self, feature_map: jax.Array, train: bool = False) -> jax.Array:
-        del train
-        return pooled_logits(self.linear, feature_map, self.dtype)
+        maps = run_stages(self.layers, x, train)
+        return self.outputs([x, maps[0], maps[1], nn.relu(self.conv_last(maps[2], train))])

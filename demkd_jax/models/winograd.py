@@ -1,14 +1,12 @@
 """Winograd F(2x2, 3x3) convolution for 3x3 / stride 1 / padding 1 layers (Lavin & Gray, 2016).
 
-Each 2x2 output tile is computed from a 4x4 input tile with 16 multiplications per channel pair
-instead of 36: the input tiles are transformed (``B^T d B``), multiplied with the transformed kernel
-(``G g G^T``) as 16 batched matrix products over channels, and transformed back (``A^T m A``). Where XLA's
-CPU convolution already runs near the machine's float32 peak, the 2.25x fewer multiply-adds are the way to go
-faster; the transforms are memory-bound elementwise passes, which makes the trade worth it only on small maps
-with many channels (:func:`pays_off`; measurements in benchmarks/README.md). Results equal the direct convolution up to float
-rounding (about 1e-6 relative). The layout of the parameters
-is that of ``nn.Conv`` (an HWIO kernel), so checkpoints do not depend on the algorithm, and gradients
-flow through the same formulation (the backward pass is again batched matrix products).
+Each 2x2 output tile comes from a 4x4 input tile with 16 multiplications per channel pair instead of 36: the
+input tiles are transformed (``B^T d B``), multiplied with the transformed kernel (``G g G^T``) as 16 batched
+matrix products over channels, and transformed back (``A^T m A``). The transforms are memory-bound passes, so
+the 2.25x fewer multiply-adds pay only on small maps with many channels (:func:`pays_off`; measurements in
+benchmarks/README.md). Results equal the direct convolution up to float rounding (about 1e-6 relative).
+Parameters keep ``nn.Conv``'s HWIO layout, so checkpoints do not depend on the algorithm; gradients flow
+through the same formulation (the backward pass is again batched matrix products).
 """
 
 from __future__ import annotations
