@@ -52,10 +52,8 @@ def critical():
     _depth += 1
     try:
         yield
-    except BaseException:
+    finally:
         _depth -= 1
-        raise
-    _depth -= 1
     if _depth == 0 and _pending is not None:
         signum, _pending = _pending, None
         raise Interrupted(signum)
