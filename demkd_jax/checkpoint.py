@@ -38,10 +38,7 @@ def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
 
 def _key_name(k: Any) -> str:
     """One key of a tree path, the same for a dict key, a dataclass field and a sequence index."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
+    return str(next((getattr(k, attr) for attr in ("key", "name", "idx") if hasattr(k, attr)), k))
 
 
 def tree_paths(tree: Any) -> dict[str, Any]:
@@ -109,10 +106,9 @@ def read_teacher_meta(directory: str | os.PathLike) -> dict[str, Any]:
     if not directory.is_dir():
         raise CheckpointError(f"teacher checkpoint directory {str(directory)!r} does not exist")
     if not meta_path.is_file():
-        raise CheckpointError(
-            f"{str(directory)!r} is not a demkd_jax teacher checkpoint (no {TEACHER_META}); write one with the "
-            "teacher trainer (method='ce') or `python -m demkd_jax.convert --torch FILE.pth --model NAME --out DIR`"
-        )
+        raise CheckpointError(f"{str(directory)!r} is not a demkd_jax teacher checkpoint (no {TEACHER_META}); write "
+                              "one with the teacher trainer (method='ce') or `python -m demkd_jax.convert --torch "
+                              "FILE.pth --model NAME --out DIR`")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -204,10 +200,7 @@ def require_one_architecture(dirs, metas: list[dict[str, Any]]) -> None:
                               "share one architecture")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training checkpoints
-
-
+# ---------------------------------------------------------------------- checksums and training checkpoints
 def _leaf_words(x: jax.Array) -> jax.Array:
     """The bits of an array as a flat uint32 vector (every dtype; 64-bit values give two words)."""
     if x.dtype == jnp.bool_:
@@ -256,11 +249,8 @@ def _one_line(e: BaseException) -> str:
 
 
 class TrainCheckpointer:
-    """Student training state in ``<workdir>/checkpoints/<step>/``: keeps the last ``keep_last`` plus the best.
-
-    Saves are synchronous, each with its test accuracy and a checksum; corrupted checkpoints are set aside on
-    restore (docs/checkpoints.md).
-    """
+    """Student training state in ``<workdir>/checkpoints/<step>/``: the last ``keep_last`` plus the best, each
+    saved with its test accuracy and a checksum; corrupted ones are set aside on restore (docs/checkpoints.md)."""
 
     def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2, keep_best: bool = True,
                  delete_corrupt: bool = False, restart_if_all_corrupt: bool = False, log=print):
@@ -286,10 +276,8 @@ class TrainCheckpointer:
                 # Without best_fn Orbax does not write the metrics, and after a restart BestN would see no test
                 # accuracy and delete the best checkpoint. best_fn only turns the writing on here.
                 best_fn=_test_acc,
-                best_mode="max",
                 enable_async_checkpointing=False,
                 cleanup_tmp_directories=True,  # what a killed save left behind
-                create=True,
             )
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
@@ -321,13 +309,6 @@ class TrainCheckpointer:
             return []
         records = (metrics or {}).get("records", [])
         return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
-
-    def restore(self, step: int, abstract_state: Any) -> Any:
-        """Restores ``step`` and verifies it; raises :class:`CheckpointError` if it does not read back exactly."""
-        try:
-            return self._restore_verified(step, abstract_state)
-        except _CorruptCheckpoint as e:
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupted: {e}") from None
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any] | None:
         """``(step, state)`` of the newest checkpoint that reads back exactly (newer corrupted ones are reported
@@ -383,8 +364,7 @@ class TrainCheckpointer:
         return metrics
 
     def _restore_verified(self, step: int, abstract_state: Any) -> Any:
-        step_dir = self.directory / str(step)
-        item = step_dir / "default"
+        item = self.directory / str(step) / "default"
         if not item.is_dir():
             raise _CorruptCheckpoint("its state directory 'default' is missing")
         metrics = self._read_metrics(step)

@@ -166,8 +166,7 @@ def test_sgd_is_pytorch_sgd_with_coupled_weight_decay_and_step_schedule():
 
 def _restore_latest(workdir, abstract):
     ckpt = ckpt_lib.TrainCheckpointer(pathlib.Path(workdir) / "checkpoints")
-    step = ckpt.manager.latest_step()
-    state = ckpt.restore(step, abstract)
+    step, state = ckpt.restore_latest(abstract)
     ckpt.close()
     return step, jax.device_get(state)
 
