@@ -41,10 +41,8 @@ def _family(model_name: str) -> str:
 
 
 # Torch module holding each family's classifier (its weight's rows give the class count).
-CLASSIFIER = {
-    "vgg": "classifier", "resnet": "fc", "wrn": "fc",
-    "ShuffleV1": "linear", "ShuffleV2": "linear", "MobileNetV2": "classifier.0",
-}
+CLASSIFIER = {"vgg": "classifier", "resnet": "fc", "wrn": "fc", "ShuffleV1": "linear", "ShuffleV2": "linear",
+              "MobileNetV2": "classifier.0"}
 
 _Rule = tuple[str, Callable[[re.Match], str]]
 _STEM_AND_LAYERS: list[_Rule] = [  # ResNet and ShuffleNet
@@ -93,8 +91,7 @@ _RULES: dict[str, list[_Rule]] = {
 
 def _torch_module_name(family: str, flax_module: str) -> str:
     for pattern, fmt in _RULES[family]:
-        m = re.fullmatch(pattern, flax_module)
-        if m:
+        if m := re.fullmatch(pattern, flax_module):
             return fmt(m)
     raise RuntimeError(f"no torch name for Flax module {flax_module!r} of family {family!r} (converter bug)")
 
@@ -160,15 +157,12 @@ def unwrap_state_dict(checkpoint: Any) -> dict[str, Any]:
         if isinstance(inner, Mapping) or (hasattr(inner, "state_dict") and callable(inner.state_dict)):
             return unwrap_state_dict(inner)
     if not any(_is_array(v) for v in obj.values()):
-        raise ConversionError(
-            "found no state dict: the checkpoint holds no arrays at the top level and none of the keys "
-            f"{', '.join(map(repr, _WRAPPER_KEYS))} (it has: {', '.join(map(repr, list(obj)[:10]))})"
-        )
+        raise ConversionError("found no state dict: the checkpoint holds no arrays at the top level and none of the "
+                              f"keys {', '.join(map(repr, _WRAPPER_KEYS))} "
+                              f"(it has: {', '.join(map(repr, list(obj)[:10]))})")
     out = {}
     for key, value in obj.items():
-        name = str(key)
-        while name.startswith("module."):
-            name = name[len("module."):]
+        name = re.sub(r"^(module\.)+", "", str(key))
         if name in out:
             raise ConversionError(f"key {name!r} occurs twice once 'module.' prefixes are stripped")
         out[name] = value
@@ -230,16 +224,14 @@ def _num_classes(shapes: Mapping[str, tuple[int, ...]], family: str, asked: int 
 
 
 def _check_keys(shapes: Mapping[str, tuple[int, ...]], model_name: str, num_classes: int) -> None:
-    """Raises :class:`ConversionError` naming missing, unexpected and wrongly shaped keys, and the zoo model the
-    keys fit better if there is one."""
+    """Raises :class:`ConversionError` naming every missing, unexpected or wrongly shaped key (and a closer model)."""
     layout, bn_modules = _layout(model_name, num_classes)
     missing = [k for k in layout if k not in shapes]
     unexpected = [k for k in shapes if k not in layout and not k.endswith(".num_batches_tracked")]
     unexpected_modules = {k.rsplit(".", 1)[0] for k in unexpected}
-    unexpected += [  # BN counters are ignored; listed only where nothing else names their module
-        k for k in shapes
-        if k.endswith(".num_batches_tracked") and k.rsplit(".", 1)[0] not in bn_modules | unexpected_modules
-    ]
+    # BN counters are ignored; listed only where nothing else names their module
+    unexpected += [k for k in shapes if k.endswith(".num_batches_tracked")
+                   and k.rsplit(".", 1)[0] not in bn_modules | unexpected_modules]
     wrong = [f"{k}: expected {layout[k][2]}, found {shapes[k]}"
              for k in layout if k in shapes and shapes[k] != layout[k][2]]
     if not (missing or unexpected or wrong):
@@ -300,8 +292,7 @@ def _read_error(path: pathlib.Path, e: Exception) -> ConversionError:
     return ConversionError(f"cannot read {str(path)!r}: {type(e).__name__}: {str(e).splitlines()[0]}")
 
 
-def load_torch_file(path: str | os.PathLike, *, allow_unsafe: bool = True,
-                    note: Callable[[str], None] | None = None) -> Any:
+def load_torch_file(path: str | os.PathLike, *, allow_unsafe: bool = True) -> Any:
     """``torch.load(path, map_location="cpu")``: with ``weights_only=True`` first; old pickles that need
     ``weights_only=False`` (e.g. RepDistiller's final checkpoint pickles its argparse options) are loaded that
     way when ``allow_unsafe``, with a note (it runs pickled code: only for files you trust)."""
@@ -320,10 +311,8 @@ def load_torch_file(path: str | os.PathLike, *, allow_unsafe: bool = True,
         reason = f"it pickles {found[1]}" if found else str(e).splitlines()[0][:200]
         if not allow_unsafe:
             raise ConversionError(f"{str(path)!r} cannot be loaded with weights_only=True ({reason})") from None
-        (note or (lambda s: print(s, file=sys.stderr)))(
-            f"note: {str(path)!r} needs torch.load(weights_only=False) ({reason}); loading it that way, which "
-            "runs pickled code: only do this for files you trust (--weights-only refuses)"
-        )
+        print(f"note: {str(path)!r} needs torch.load(weights_only=False) ({reason}); loading it that way, which "
+              "runs pickled code: only do this for files you trust (--weights-only refuses)", file=sys.stderr)
     except Exception as e:
         raise _read_error(path, e) from None
     try:
@@ -335,19 +324,18 @@ def load_torch_file(path: str | os.PathLike, *, allow_unsafe: bool = True,
 def _checkpoint_metadata(checkpoint: Any) -> dict[str, Any]:
     """``acc``/``accuracy``/``best_acc``/``epoch`` of a RepDistiller-style checkpoint dict (tensors -> floats)."""
     meta = {}
-    if isinstance(checkpoint, Mapping):
-        for key in _METADATA_KEYS:
-            value = checkpoint.get(key)
-            if hasattr(value, "item"):  # a tensor or numpy scalar
-                single = "float32" in str(value.dtype)
-                try:
-                    value = value.item()
-                except (ValueError, RuntimeError):
-                    continue
-                if single:  # 74.64, not 74.63999938964844
-                    value = float(str(np.float32(value)))
-            if isinstance(value, numbers.Number) and not isinstance(value, bool):
-                meta[key] = int(value) if isinstance(value, numbers.Integral) else float(value)
+    for key in _METADATA_KEYS if isinstance(checkpoint, Mapping) else ():
+        value = checkpoint.get(key)
+        if hasattr(value, "item"):  # a tensor or numpy scalar
+            single = "float32" in str(value.dtype)
+            try:
+                value = value.item()
+            except (ValueError, RuntimeError):
+                continue
+            if single:  # 74.64, not 74.63999938964844
+                value = float(str(np.float32(value)))
+        if isinstance(value, numbers.Number) and not isinstance(value, bool):
+            meta[key] = int(value) if isinstance(value, numbers.Integral) else float(value)
     return meta
 
 
@@ -368,15 +356,13 @@ def sanity_forward(model_name: str, num_classes: int, variables: Mapping[str, An
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    from demkd_jax.models import MODEL_NAMES
+    from demkd_jax import checkpoint, models
 
-    parser = argparse.ArgumentParser(
-        prog="python -m demkd_jax.convert",
-        description="Convert a PyTorch CIFAR teacher (RepDistiller / CA-MKD / mdistiller .pth) into a demkd_jax "
-                    "teacher checkpoint directory.",
-    )
+    parser = argparse.ArgumentParser(prog="python -m demkd_jax.convert",
+                                     description="Convert a PyTorch CIFAR teacher (RepDistiller / CA-MKD / mdistiller "
+                                                 ".pth) into a demkd_jax teacher checkpoint directory.")
     parser.add_argument("--torch", required=True, metavar="PATH", help="the .pth file")
-    parser.add_argument("--model", required=True, metavar="NAME", help=f"zoo name: {', '.join(MODEL_NAMES)}")
+    parser.add_argument("--model", required=True, metavar="NAME", help=f"zoo name: {', '.join(models.MODEL_NAMES)}")
     parser.add_argument("--out", required=True, metavar="DIR", help="teacher checkpoint directory to write")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="classifier width (default: read from the classifier weight)")
@@ -385,9 +371,6 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--weights-only", action="store_true",
                         help="refuse files that need torch.load(weights_only=False) (old pickles)")
     args = parser.parse_args(None if argv is None else list(argv))
-
-    from demkd_jax import checkpoint, models
-
     try:
         path = pathlib.Path(args.torch).absolute()
         loaded = load_torch_file(path, allow_unsafe=not args.weights_only)
