@@ -1,9 +1,8 @@
 """Stopping cleanly on SIGINT (Ctrl-C) and SIGTERM (what schedulers and preemption send).
 
-Inside :func:`stop_on_signals` the first such signal raises :class:`Interrupted` in the main thread: the step
-in flight is abandoned and the newest checkpoint on disk is the one a rerun resumes from. A signal that lands
-inside :func:`critical` (a checkpoint save, a metrics record, a config write) is held until that write is
-complete, so no file is left half-written by it. A second signal ends the process at once (the default action).
+Inside :func:`stop_on_signals` the first such signal raises :class:`Interrupted` in the main thread (the rerun
+resumes from the newest checkpoint), held until the end of a :func:`critical` write so that no file is left
+half-written; a second signal ends the process at once.
 """
 
 from __future__ import annotations
@@ -23,10 +22,8 @@ class Interrupted(BaseException):
     """
 
     def __init__(self, signum: int):
-        self.signum = int(signum)
-        self.signal_name = signal.Signals(signum).name
-        self.exit_status = 128 + self.signum
-        super().__init__(f"interrupted by {self.signal_name}")
+        self.exit_status = 128 + int(signum)
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
 _depth = 0  # nesting of critical() sections in the main thread

@@ -22,6 +22,7 @@ from demkd_jax import workdir as workdir_lib
 from demkd_jax.config import (DATA_ORDERS, DTYPES, EXECUTIONS, NONFINITE_POLICIES, WEIGHT_SCHEMES, WINOGRAD_MODES,
                               ConfigError)
 
+
 def _fail(msg: str) -> None:
     raise ConfigError(msg)
 
@@ -135,10 +136,9 @@ def _check_teachers(config, method: methods.Method) -> None:
 
 def validate_data(config, ds: data_lib.Dataset) -> None:
     """The checks that need the loaded dataset; still before any compilation or write into the workdir."""
-    n_train = ds.num_train
-    if config.batch_size > n_train:
-        _fail(f"config.batch_size={config.batch_size} is larger than the training set ({n_train} images of "
-              f"{ds.name}); expected at most {n_train}")
+    if config.batch_size > ds.num_train:
+        _fail(f"config.batch_size={config.batch_size} is larger than the training set ({ds.num_train} images of "
+              f"{ds.name}); expected at most {ds.num_train}")
     if methods.get(config.distill.method).teachers != "none" and config.teachers.checkpoints:
         ckpt_lib.check_teacher_dirs(tuple(config.teachers.checkpoints), num_classes=ds.num_classes)
 

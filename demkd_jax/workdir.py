@@ -57,11 +57,9 @@ class WorkdirLock:
                 raise WorkdirError(f"workdir {str(self.workdir)!r} is in use by another run ({_describe(holder)}); "
                                    "wait for it to end, or use another --workdir") from None
             # The previous holder unlinks the file when it releases it: the lock must be on the file still there.
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
                     break
-            except FileNotFoundError:
-                pass
             os.close(fd)
         stale = _read_owner(fd)
         if stale:
@@ -95,12 +93,10 @@ def _describe(owner: dict) -> str:
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
+    """``{"optim.learning_rate": 0.05, ...}``: the leaves of nested dicts by dotted key."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {key: leaf for k, v in tree.items() for key, leaf in _flatten(v, f"{prefix}{k}.").items()}
 
 
 def _is_neutral(key: str) -> bool:
@@ -200,29 +196,24 @@ def claimed(workdir: pathlib.Path, config, *, lock: bool = True,
     workdir = pathlib.Path(workdir).absolute()
     created = first_missing(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    held = WorkdirLock(workdir) if lock else None
+    held = WorkdirLock(workdir)  # releasing one never acquired (lock=False) does nothing
     try:
-        if held is not None:
+        if lock:
             held.acquire(log)
         check_resume_config(workdir, config, log)
         yield workdir
     except BaseException:
-        if held is not None:
-            held.release()
-            held = None
+        held.release()  # before the directories it created are removed
         if created is not None and created.is_dir() and _holds_no_file(created):
             shutil.rmtree(created)
         raise
     finally:
-        if held is not None:
-            held.release()
+        held.release()
 
 
 class MetricsLog:
-    """``metrics.jsonl`` in the workdir: one JSON object per epoch, keyed by its ``step``.
-
-    ``writable=False`` (every process but process 0 of a multi-host run) reads but never writes.
-    """
+    """``metrics.jsonl`` in the workdir: one JSON object per epoch, keyed by its ``step``. ``writable=False``
+    (every process but process 0 of a multi-host run) reads but never writes."""
 
     def __init__(self, workdir: pathlib.Path, writable: bool = True):
         self.path = pathlib.Path(workdir) / METRICS_NAME
