@@ -1,7 +1,6 @@
 """Checkpoints (Orbax): teacher checkpoints (``teacher.json`` + ``variables/``) and the student's training
-checkpoints (:class:`TrainCheckpointer`), both verified by a checksum of every bit when read back.
-
-Format, verification and corruption handling: docs/checkpoints.md.
+checkpoints (:class:`TrainCheckpointer`), both verified by a checksum of every bit when read back. Format,
+verification and corruption handling: docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -282,6 +281,9 @@ class TrainCheckpointer:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
 
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
     def step_dirs(self) -> list[int]:
         """Steps with a directory ``<step>/`` (complete or not; Orbax's temporary directories excluded), sorted."""
         if not self.directory.is_dir():
@@ -309,6 +311,13 @@ class TrainCheckpointer:
             return []
         records = (metrics or {}).get("records", [])
         return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+
+    def restore(self, step: int, abstract_state: Any) -> Any:
+        """Restores ``step`` and verifies it; raises :class:`CheckpointError` if it does not read back exactly."""
+        try:
+            return self._restore_verified(step, abstract_state)
+        except _CorruptCheckpoint as e:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupted: {e}") from None
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any] | None:
         """``(step, state)`` of the newest checkpoint that reads back exactly (newer corrupted ones are reported

@@ -1,8 +1,6 @@
-"""Stopping cleanly on SIGINT (Ctrl-C) and SIGTERM (what schedulers and preemption send).
-
-Inside :func:`stop_on_signals` the first such signal raises :class:`Interrupted` in the main thread (the rerun
-resumes from the newest checkpoint), held until the end of a :func:`critical` write so that no file is left
-half-written; a second signal ends the process at once.
+"""Stopping cleanly on SIGINT (Ctrl-C) and SIGTERM: inside :func:`stop_on_signals` the first one raises
+:class:`Interrupted`, held until the end of a :func:`critical` write; a second one ends the process at once.
+How and why: docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -15,11 +13,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(BaseException):
-    """The run was asked to stop by ``signum``; ``exit_status`` is the shell's 128 + signum (130, 143).
-
-    A BaseException, like KeyboardInterrupt: the ``except Exception`` that classifies a read error (a
-    checkpoint restore, say) as corruption must not catch it.
-    """
+    """The run was asked to stop by ``signum``; ``exit_status`` is the shell's 128 + signum (130, 143). A
+    BaseException, like KeyboardInterrupt: an ``except Exception`` that classifies a read error (a checkpoint
+    restore, say) as corruption must not catch it."""
 
     def __init__(self, signum: int):
         self.exit_status = 128 + int(signum)

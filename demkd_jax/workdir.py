@@ -241,8 +241,7 @@ class MetricsLog:
             if isinstance(rec.get("step"), int) and rec["step"] <= step:
                 by_step.setdefault(rec["step"], rec)
         lost = [r for r in saved if isinstance(r.get("step"), int) and r["step"] <= step and r["step"] not in by_step]
-        for rec in lost:
-            by_step[rec["step"]] = rec
+        by_step.update((r["step"], r) for r in lost)
         kept = [by_step[s] for s in sorted(by_step)]
         if lost:
             log(f"{self.path} had lost the records of epoch(s) {', '.join(str(r.get('epoch')) for r in lost)}; "

@@ -108,7 +108,7 @@ def compiled_facts(jitted, abstract) -> dict:
 def final_state(workdir: str, abstract_state) -> dict[str, np.ndarray]:
     """The last checkpoint of a run, flattened to ``{path: array}``."""
     ckpt = ckpt_lib.TrainCheckpointer(pathlib.Path(workdir) / "checkpoints")
-    restored = jax.device_get(ckpt.restore_latest(abstract_state)[1])
+    restored = jax.device_get(ckpt.restore(ckpt.latest_step(), abstract_state))
     ckpt.close()
     flat = jax.tree_util.tree_flatten_with_path(restored)[0]
     return {jax.tree_util.keystr(path): np.asarray(v) for path, v in flat}

@@ -166,7 +166,8 @@ def test_sgd_is_pytorch_sgd_with_coupled_weight_decay_and_step_schedule():
 
 def _restore_latest(workdir, abstract):
     ckpt = ckpt_lib.TrainCheckpointer(pathlib.Path(workdir) / "checkpoints")
-    step, state = ckpt.restore_latest(abstract)
+    step = ckpt.latest_step()
+    state = ckpt.restore(step, abstract)
     ckpt.close()
     return step, jax.device_get(state)
 
