@@ -1,30 +1,15 @@
-"""Checkpoints (Orbax).
-
-Teacher checkpoints: one directory per teacher::
-
-    <dir>/teacher.json    {"format": "demkd_jax.teacher/1", "model": "vgg13", "num_classes": 100, "width": 1.0,
-                           "checksum": 123456789, ...}
-    <dir>/variables/      Orbax StandardCheckpointer tree {"params", "batch_stats"}
-
-written by the teacher trainer and by ``python -m demkd_jax.convert`` alike, and restored by
-:func:`load_teacher`, which checks the architecture, class count and every parameter shape against the
-model the distillation config asks for, naming any mismatch, and verifies the arrays (checksum of every bit,
-all values finite); :func:`check_teacher_dirs` checks the same from
-``teacher.json`` alone, before anything is loaded or compiled.
-
-Training checkpoints (:class:`TrainCheckpointer`): ``<workdir>/checkpoints/<step>/`` written by an Orbax
-CheckpointManager (the last N plus the best by test accuracy), each with a checksum of the whole state (and
-the run's metrics records so far); a restart resumes from the newest one that reads back exactly and sets
-corrupted or unverifiable ones aside.
+"""Checkpoints (Orbax): teacher checkpoints (``teacher.json`` + ``variables/``) and the student's training
+checkpoints (:class:`TrainCheckpointer`), both verified by a checksum of every bit when read back. Format,
+verification and corruption handling: docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
 import shutil
-import tempfile
 import time
 from typing import Any, Mapping
 
@@ -34,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from demkd_jax import interrupts, models
+from demkd_jax.workdir import write_text_atomic
 
 TEACHER_FORMAT = "demkd_jax.teacher/1"
 TEACHER_META = "teacher.json"
@@ -46,72 +32,52 @@ class CheckpointError(ValueError):
 
 def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
     """Writes JSON via a temporary file and an atomic rename, so a crash never leaves half a file."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(pathlib.Path(path), json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _key_name(k: Any) -> str:
     """One key of a tree path, the same for a dict key, a dataclass field and a sequence index."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
+    return str(next((getattr(k, attr) for attr in ("key", "name", "idx") if hasattr(k, attr)), k))
 
 
-def _tree_paths(tree: Any) -> dict[str, Any]:
+def tree_paths(tree: Any) -> dict[str, Any]:
+    """``{"params/stem/conv/kernel": leaf, ...}``: every leaf by its path."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(_key_name(k) for k in path): leaf for path, leaf in flat}
 
 
+def _first5(items: list[str], sep: str) -> str:
+    return sep.join(items[:5]) + (f"{sep}..." if len(items) > 5 else "")
+
+
+@functools.lru_cache(maxsize=None)
+def abstract_variables(model_name: str, num_classes: int, width: float = 1.0) -> dict[str, Any]:
+    """The ``{"params", "batch_stats"}`` shapes of a zoo model (``jax.eval_shape``; shared, do not modify)."""
+    model = models.create_model(model_name, num_classes, width=width)
+    return jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0)))
+
+
 def compare_trees(expected: Any, actual: Any, what: str) -> None:
     """Raises CheckpointError listing missing, unexpected and wrongly shaped leaves (by path)."""
-    exp, act = _tree_paths(expected), _tree_paths(actual)
-    missing = sorted(set(exp) - set(act))
-    unexpected = sorted(set(act) - set(exp))
-    shapes = sorted(
-        f"{k}: expected {tuple(exp[k].shape)}, found {tuple(act[k].shape)}"
-        for k in set(exp) & set(act)
-        if tuple(exp[k].shape) != tuple(act[k].shape)
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
-    if unexpected:
-        problems.append(
-            f"unexpected {len(unexpected)} ({', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''})"
-        )
+    exp, act = tree_paths(expected), tree_paths(actual)
+    missing, unexpected = sorted(set(exp) - set(act)), sorted(set(act) - set(exp))
+    shapes = sorted(f"{k}: expected {tuple(exp[k].shape)}, found {tuple(act[k].shape)}"
+                    for k in set(exp) & set(act) if tuple(exp[k].shape) != tuple(act[k].shape))
+    problems = [f"{label} {len(keys)} ({_first5(keys, ', ')})"
+                for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
     if shapes:
-        problems.append(f"wrong shapes: {'; '.join(shapes[:5])}{'; ...' if len(shapes) > 5 else ''}")
+        problems.append(f"wrong shapes: {_first5(shapes, '; ')}")
     if problems:
         raise CheckpointError(f"{what} does not match: " + " | ".join(problems))
 
 
-def save_teacher(
-    directory: str | os.PathLike,
-    variables: Mapping[str, Any],
-    *,
-    model_name: str,
-    num_classes: int,
-    width: float = 1.0,
-    metadata: Mapping[str, Any] | None = None,
-) -> pathlib.Path:
+def save_teacher(directory: str | os.PathLike, variables: Mapping[str, Any], *, model_name: str, num_classes: int,
+                 width: float = 1.0, metadata: Mapping[str, Any] | None = None) -> pathlib.Path:
     """Saves one teacher's ``{"params", "batch_stats"}`` with its architecture metadata."""
     directory = pathlib.Path(directory).absolute()
-    model = models.create_model(model_name, num_classes, width=width)
-    abstract = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0)))
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    compare_trees(abstract, variables, f"teacher variables for {model_name} ({num_classes} classes)")
+    compare_trees(abstract_variables(model_name, num_classes, float(width)), variables,
+                  f"teacher variables for {model_name} ({num_classes} classes)")
     directory.mkdir(parents=True, exist_ok=True)
     # teacher.json marks a complete teacher: drop an old one before its variables are rewritten.
     (directory / TEACHER_META).unlink(missing_ok=True)
@@ -122,15 +88,8 @@ def save_teacher(
     with interrupts.critical(), ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / TEACHER_VARIABLES, variables, force=True)
         ckptr.wait_until_finished()
-    meta = {
-        "format": TEACHER_FORMAT,
-        "model": model_name,
-        "num_classes": int(num_classes),
-        "width": float(width),
-        "num_params": models.count_params(variables["params"]),
-        "checksum": checksum,
-        **(dict(metadata) if metadata else {}),
-    }
+    meta = {"format": TEACHER_FORMAT, "model": model_name, "num_classes": int(num_classes), "width": float(width),
+            "num_params": models.count_params(variables["params"]), "checksum": checksum, **(metadata or {})}
     if jax.process_index() == 0:  # multi-host: every process calls Orbax above, one writes the metadata
         with interrupts.critical():
             write_json_atomic(directory / TEACHER_META, meta)
@@ -146,10 +105,9 @@ def read_teacher_meta(directory: str | os.PathLike) -> dict[str, Any]:
     if not directory.is_dir():
         raise CheckpointError(f"teacher checkpoint directory {str(directory)!r} does not exist")
     if not meta_path.is_file():
-        raise CheckpointError(
-            f"{str(directory)!r} is not a demkd_jax teacher checkpoint (no {TEACHER_META}); write one with the "
-            "teacher trainer (method='ce') or `python -m demkd_jax.convert --torch FILE.pth --model NAME --out DIR`"
-        )
+        raise CheckpointError(f"{str(directory)!r} is not a demkd_jax teacher checkpoint (no {TEACHER_META}); write "
+                              "one with the teacher trainer (method='ce') or `python -m demkd_jax.convert --torch "
+                              "FILE.pth --model NAME --out DIR`")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -159,29 +117,12 @@ def read_teacher_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_teacher(
-    directory: str | os.PathLike,
-    *,
-    model_name: str | None = None,
-    num_classes: int | None = None,
-    width: float | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restores a teacher, checking it is the architecture and class count the caller expects.
-
-    Returns ``(variables, metadata)`` with numpy leaves.
-    """
-    meta = read_teacher_meta(directory)
+def load_teacher(directory: str | os.PathLike, *, model_name: str | None = None,
+                 num_classes: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(variables, metadata)`` (numpy leaves) of a verified teacher of the architecture the caller expects."""
+    meta = check_teacher_dirs([directory], model_name=model_name, num_classes=num_classes)[0]
     where = f"teacher checkpoint {str(directory)!r}"
-    if model_name is not None and meta["model"] != model_name:
-        raise CheckpointError(f"{where} holds a {meta['model']!r}, but the config expects {model_name!r}")
-    if num_classes is not None and meta["num_classes"] != num_classes:
-        raise CheckpointError(
-            f"{where} has {meta['num_classes']} classes, but the data has {num_classes}"
-        )
-    if width is not None and float(meta.get("width", 1.0)) != float(width):
-        raise CheckpointError(f"{where} has width {meta.get('width')}, but the config expects {width}")
-    model = models.create_model(meta["model"], meta["num_classes"], width=meta.get("width", 1.0))
-    abstract = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0)))
+    abstract = abstract_variables(meta["model"], meta["num_classes"], float(meta.get("width", 1.0)))
     expected_checksum = meta.get("checksum")
     if not isinstance(expected_checksum, int):
         raise CheckpointError(f"{where} cannot be verified: its {TEACHER_META} has no checksum (written before "
@@ -214,7 +155,7 @@ def _compare_stored_teacher_tree(abstract: Any, stored_tree: Any, where: str) ->
     try:
         compare_trees(abstract, stored_tree, where)
     except CheckpointError:
-        expected, stored = _tree_paths(abstract), _tree_paths(stored_tree)
+        expected, stored = tree_paths(abstract), tree_paths(stored_tree)
         fits = set(stored) <= set(expected) and all(
             tuple(expected[k].shape) == tuple(v.shape) for k, v in stored.items())
         if not fits:
@@ -224,18 +165,10 @@ def _compare_stored_teacher_tree(abstract: Any, stored_tree: Any, where: str) ->
                               "convert or train it again") from None
 
 
-def check_teacher_dirs(
-    dirs: list[str | os.PathLike] | tuple[str | os.PathLike, ...],
-    *,
-    model_name: str | None = None,
-    num_classes: int | None = None,
-) -> list[dict[str, Any]]:
-    """Checks teacher checkpoints from their ``teacher.json`` alone (no arrays read, nothing compiled).
-
-    Raises :class:`CheckpointError` for a missing or unreadable directory, another architecture than
-    ``model_name``, another class count than ``num_classes``, or teachers of mixed architectures (they are
-    stacked on one axis). Returns the metadata of each directory.
-    """
+def check_teacher_dirs(dirs: list[str | os.PathLike] | tuple[str | os.PathLike, ...], *, model_name: str | None = None,
+                       num_classes: int | None = None) -> list[dict[str, Any]]:
+    """Checks teacher checkpoints from their ``teacher.json`` alone (no arrays read, nothing compiled): readable,
+    of ``model_name`` with ``num_classes`` classes, one architecture for all. Returns each one's metadata."""
     metas = [read_teacher_meta(d) for d in dirs]
     for d, meta in zip(dirs, metas):
         where = f"teacher checkpoint {str(d)!r}"
@@ -266,10 +199,7 @@ def require_one_architecture(dirs, metas: list[dict[str, Any]]) -> None:
                               "share one architecture")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training checkpoints
-
-
+# ---------------------------------------------------------------------- checksums and training checkpoints
 def _leaf_words(x: jax.Array) -> jax.Array:
     """The bits of an array as a flat uint32 vector (every dtype; 64-bit values give two words)."""
     if x.dtype == jnp.bool_:
@@ -318,18 +248,8 @@ def _one_line(e: BaseException) -> str:
 
 
 class TrainCheckpointer:
-    """Student training state in ``<workdir>/checkpoints/<step>/``: keeps the last ``keep_last`` plus the best.
-
-    - Saves are synchronous; Orbax writes each into a temporary directory and renames it into place, so a
-      killed run never leaves a step directory that looks complete but is not (the temporary directory is
-      removed at the next start). Each save records the test accuracy (for keep-best, also across restarts)
-      and a checksum of every bit of the state.
-    - :meth:`restore_latest` resumes from the newest checkpoint that reads back exactly: arrays restored,
-      shapes as expected, all values finite, checksum equal. A newer checkpoint that fails is reported in one
-      line and moved aside to ``<step>.corrupt-<time>`` (deleted only with ``delete_corrupt``); the good one it
-      falls back to is never touched. If every checkpoint is bad it refuses to start over (unless
-      ``restart_if_all_corrupt``).
-    """
+    """Student training state in ``<workdir>/checkpoints/<step>/``: the last ``keep_last`` plus the best, each
+    saved with its test accuracy and a checksum; corrupted ones are set aside on restore (docs/checkpoints.md)."""
 
     def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2, keep_best: bool = True,
                  delete_corrupt: bool = False, restart_if_all_corrupt: bool = False, log=print):
@@ -355,29 +275,20 @@ class TrainCheckpointer:
                 # Without best_fn Orbax does not write the metrics, and after a restart BestN would see no test
                 # accuracy and delete the best checkpoint. best_fn only turns the writing on here.
                 best_fn=_test_acc,
-                best_mode="max",
                 enable_async_checkpointing=False,
                 cleanup_tmp_directories=True,  # what a killed save left behind
-                create=True,
             )
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
 
-    # --- what is on disk
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
 
     def step_dirs(self) -> list[int]:
         """Steps with a directory ``<step>/`` (complete or not; Orbax's temporary directories excluded), sorted."""
         if not self.directory.is_dir():
             return []
         return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
-    # --- save
 
     def save(self, step: int, state: Any, *, test_acc: float, records: list[dict] | None = None) -> None:
         """Saves ``state`` as ``step``; ``records`` (the run's metrics.jsonl records so far) are kept with it, so
@@ -401,8 +312,6 @@ class TrainCheckpointer:
         records = (metrics or {}).get("records", [])
         return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
 
-    # --- restore
-
     def restore(self, step: int, abstract_state: Any) -> Any:
         """Restores ``step`` and verifies it; raises :class:`CheckpointError` if it does not read back exactly."""
         try:
@@ -411,49 +320,44 @@ class TrainCheckpointer:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupted: {e}") from None
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any] | None:
-        """``(step, state)`` of the newest checkpoint that reads back exactly, or None for a fresh start.
-
-        Corrupted newer checkpoints are reported (one line each) and moved aside. Raises
-        :class:`CheckpointError` if no checkpoint is good (unless ``restart_if_all_corrupt``), or if a checkpoint
-        was written for another configuration (other shapes or tree).
-        """
+        """``(step, state)`` of the newest checkpoint that reads back exactly (newer corrupted ones are reported
+        and set aside), or None for a fresh start. Raises :class:`CheckpointError` if none is good (unless
+        ``restart_if_all_corrupt``) or one was written by another configuration."""
         bad: list[tuple[int, str]] = []
-        found = None
         for step in reversed(self.step_dirs()):
             try:
-                found = (step, self._restore_verified(step, abstract_state))
+                state = self._restore_verified(step, abstract_state)
                 break
             except _CorruptCheckpoint as e:
                 bad.append((step, str(e)))
-        if bad and found is None:
-            what = "; ".join(f"step {s}: {r}" for s, r in bad)
-            if not self.restart_if_all_corrupt:
-                raise CheckpointError(
-                    f"no readable checkpoint in {self.directory} ({what}); refusing to start over silently: move "
-                    "that directory away to start from scratch, or set config.checkpoint.restart_if_all_corrupt=True")
-            for s, _ in bad:
-                self._set_aside(s)
-            self.log(f"every checkpoint in {self.directory} is corrupted ({what}); "
-                     f"{'deleted' if self.delete_corrupt else 'moved aside'} and starting from scratch "
-                     "(config.checkpoint.restart_if_all_corrupt)")
+        else:
+            if bad:
+                self._all_corrupt(bad)
             return None
         for s, reason in bad:
-            moved = self._set_aside(s)
-            self.log(f"checkpoint step {s} in {self.directory} is corrupted ({reason}); "
-                     f"{'deleted it' if moved is None else f'moved it aside to {moved.name}'}, "
-                     f"resuming from step {found[0]}")
-        if found is not None:
-            # Older checkpoints are only read fully if they are ever needed, but their metrics must parse, or
-            # Orbax cannot open the directory.
-            for s in self.step_dirs():
-                if s < found[0]:
-                    try:
-                        self._read_metrics(s)
-                    except _CorruptCheckpoint as e:
-                        moved = self._set_aside(s)
-                        self.log(f"older checkpoint step {s} in {self.directory} is corrupted ({e}); "
-                                 f"{'deleted it' if moved is None else f'moved it aside to {moved.name}'}")
-        return found
+            self.log(f"checkpoint step {s} in {self.directory} is corrupted ({reason}); {self._set_aside(s)}, "
+                     f"resuming from step {step}")
+        # Older checkpoints are only read fully if they are ever needed, but their metrics must parse, or Orbax
+        # cannot open the directory.
+        for s in [s for s in self.step_dirs() if s < step]:
+            try:
+                self._read_metrics(s)
+            except _CorruptCheckpoint as e:
+                self.log(f"older checkpoint step {s} in {self.directory} is corrupted ({e}); {self._set_aside(s)}")
+        return step, state
+
+    def _all_corrupt(self, bad: list[tuple[int, str]]) -> None:
+        """Refuses to start over (raises), or with ``restart_if_all_corrupt`` sets every checkpoint aside."""
+        what = "; ".join(f"step {s}: {r}" for s, r in bad)
+        if not self.restart_if_all_corrupt:
+            raise CheckpointError(
+                f"no readable checkpoint in {self.directory} ({what}); refusing to start over silently: move "
+                "that directory away to start from scratch, or set config.checkpoint.restart_if_all_corrupt=True")
+        for s, _ in bad:
+            self._set_aside(s)
+        self.log(f"every checkpoint in {self.directory} is corrupted ({what}); "
+                 f"{'deleted' if self.delete_corrupt else 'moved aside'} and starting from scratch "
+                 "(config.checkpoint.restart_if_all_corrupt)")
 
     def _read_metrics(self, step: int) -> dict | None:
         """The metrics written with ``step`` (test accuracy, checksum, epoch records), None if the file is missing."""
@@ -469,8 +373,7 @@ class TrainCheckpointer:
         return metrics
 
     def _restore_verified(self, step: int, abstract_state: Any) -> Any:
-        step_dir = self.directory / str(step)
-        item = step_dir / "default"
+        item = self.directory / str(step) / "default"
         if not item.is_dir():
             raise _CorruptCheckpoint("its state directory 'default' is missing")
         metrics = self._read_metrics(step)
@@ -506,12 +409,12 @@ class TrainCheckpointer:
             raise _CorruptCheckpoint("it holds non-finite values")
         return state
 
-    def _set_aside(self, step: int) -> pathlib.Path | None:
-        """Moves ``<step>/`` to ``<step>.corrupt-<time>`` (a name Orbax ignores), or deletes it; never another."""
+    def _set_aside(self, step: int) -> str:
+        """Moves ``<step>/`` to ``<step>.corrupt-<time>`` (a name Orbax ignores), or deletes it; says which."""
         src = self.directory / str(step)
         if self.delete_corrupt:
             shutil.rmtree(src)
-            return None
+            return "deleted it"
         stamp = time.strftime("%Y%m%dT%H%M%S")
         dst = self.directory / f"{step}.corrupt-{stamp}"
         n = 1
@@ -519,7 +422,7 @@ class TrainCheckpointer:
             n += 1
             dst = self.directory / f"{step}.corrupt-{stamp}-{n}"
         os.replace(src, dst)
-        return dst
+        return f"moved it aside to {dst.name}"
 
     def close(self) -> None:
         if self._manager is not None:

@@ -1,25 +1,10 @@
 """Import PyTorch teacher checkpoints of the CRD/RepDistiller family (RepDistiller, CA-MKD, mdistiller).
 
-Command line::
-
     python -m demkd_jax.convert --torch ckpt_epoch_240.pth --model vgg13 --out teachers/vgg13_a
 
-writes a teacher checkpoint (:func:`demkd_jax.checkpoint.save_teacher`) that distillation configs load
-exactly like one our trainer wrote. Python::
-
-    from demkd_jax.convert import from_torch_state_dict
-    variables = from_torch_state_dict(torch.load(path, map_location="cpu")["model"], "vgg13")
-
-The mapping from PyTorch ``state_dict`` keys to the Flax tree is derived from the Flax model itself (its
-``jax.eval_shape`` tree) and a per-family translation of module names to the reference's, so every one of
-the 21 zoo models is covered and the result matches the model's tree exactly. Conv kernels go
-OIHW -> HWIO (grouped and depthwise too: [O, I/g, kh, kw] -> [kh, kw, I/g, O]), linear weights
-[out, in] -> [in, out], BatchNorm weight/bias -> scale/bias and running_mean/var -> ``batch_stats``
-mean/var; ``num_batches_tracked`` is ignored. Missing keys, unused keys and wrong shapes are errors that
-name the keys; when the keys fit another zoo model better, the error says which.
-
-``torch`` is optional: it is imported only to read ``.pth`` files (``pip install -e ".[torch]"``);
-:func:`from_torch_state_dict` also takes a dict of numpy arrays.
+writes a teacher checkpoint that distillation configs load exactly like one our trainer wrote;
+:func:`from_torch_state_dict` does the conversion in Python. ``torch`` is optional: it is imported only to read
+``.pth`` files. The key and layout mapping: docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -37,17 +22,6 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-__all__ = [
-    "ConversionError",
-    "from_torch_state_dict",
-    "unwrap_state_dict",
-    "guess_model",
-    "expected_torch_shapes",
-    "load_torch_file",
-    "main",
-]
-
-TORCH_EXTRA_HINT = 'pip install -e ".[torch]" (in a checkout) or pip install "demkd-jax[torch]"'
 _WRAPPER_KEYS = ("model", "state_dict", "net")  # RepDistiller/CA-MKD/mdistiller, Lightning-style, pytorch-cifar
 _METADATA_KEYS = ("acc", "accuracy", "best_acc", "epoch")
 
@@ -62,22 +36,21 @@ def _family(model_name: str) -> str:
 
     if model_name not in MODEL_NAMES:
         raise ConversionError(f"unknown model name {model_name!r}; expected one of: {', '.join(MODEL_NAMES)}")
-    for prefix in ("vgg", "resnet", "wrn"):
-        if model_name.startswith(prefix):
-            return prefix
-    return model_name  # ShuffleV1, ShuffleV2, MobileNetV2
+    # ShuffleV1, ShuffleV2 and MobileNetV2 are families of one
+    return next((f for f in ("vgg", "resnet", "wrn") if model_name.startswith(f)), model_name)
 
 
 # Torch module holding each family's classifier (its weight's rows give the class count).
-CLASSIFIER = {
-    "vgg": "classifier", "resnet": "fc", "wrn": "fc",
-    "ShuffleV1": "linear", "ShuffleV2": "linear", "MobileNetV2": "classifier.0",
-}
+CLASSIFIER = {"vgg": "classifier", "resnet": "fc", "wrn": "fc", "ShuffleV1": "linear", "ShuffleV2": "linear",
+              "MobileNetV2": "classifier.0"}
 
 _Rule = tuple[str, Callable[[re.Match], str]]
-_SHUFFLE_RULES: list[_Rule] = [
+_STEM_AND_LAYERS: list[_Rule] = [  # ResNet and ShuffleNet
     (r"stem/(conv|bn)", lambda m: {"conv": "conv1", "bn": "bn1"}[m[1]]),
     (r"layers_(\d+)_(\d+)/conv_bn(\d)/(conv|bn)", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.{m[4]}{m[3]}"),
+]
+_SHUFFLE_RULES: list[_Rule] = [
+    *_STEM_AND_LAYERS,
     (r"conv_last/(conv|bn)", lambda m: {"conv": "conv2", "bn": "bn2"}[m[1]]),
     (r"linear", lambda m: "linear"),
 ]
@@ -90,8 +63,7 @@ _RULES: dict[str, list[_Rule]] = {
         (r"classifier", lambda m: "classifier"),
     ],
     "resnet": [
-        (r"stem/(conv|bn)", lambda m: {"conv": "conv1", "bn": "bn1"}[m[1]]),
-        (r"layers_(\d+)_(\d+)/conv_bn(\d)/(conv|bn)", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.{m[4]}{m[3]}"),
+        *_STEM_AND_LAYERS,
         (r"layers_(\d+)_(\d+)/downsample/(conv|bn)",
          lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.{int(m[3] == 'bn')}"),
         (r"fc", lambda m: "fc"),
@@ -119,73 +91,45 @@ _RULES: dict[str, list[_Rule]] = {
 
 def _torch_module_name(family: str, flax_module: str) -> str:
     for pattern, fmt in _RULES[family]:
-        m = re.fullmatch(pattern, flax_module)
-        if m:
+        if m := re.fullmatch(pattern, flax_module):
             return fmt(m)
     raise RuntimeError(f"no torch name for Flax module {flax_module!r} of family {family!r} (converter bug)")
 
 
-# (collection, leaf name, ndim) -> (torch suffix, transform)
+# (collection, leaf name, ndim) -> (torch suffix, axes: the Flax leaf is the torch tensor transposed by them)
 _LEAVES = {
-    ("params", "kernel", 4): ("weight", "conv"),
-    ("params", "kernel", 2): ("weight", "dense"),
-    ("params", "bias", 1): ("bias", None),
-    ("params", "scale", 1): ("weight", None),
-    ("batch_stats", "mean", 1): ("running_mean", None),
-    ("batch_stats", "var", 1): ("running_var", None),
+    ("params", "kernel", 4): ("weight", (2, 3, 1, 0)),  # conv OIHW [O, I/g, kh, kw] -> HWIO [kh, kw, I/g, O]
+    ("params", "kernel", 2): ("weight", (1, 0)),  # linear [out, in] -> [in, out]
+    ("params", "bias", 1): ("bias", (0,)),
+    ("params", "scale", 1): ("weight", (0,)),
+    ("batch_stats", "mean", 1): ("running_mean", (0,)),
+    ("batch_stats", "var", 1): ("running_var", (0,)),
 }
-
-
-def _to_torch_shape(shape: tuple[int, ...], transform: str | None) -> tuple[int, ...]:
-    if transform == "conv":  # HWIO -> OIHW
-        return (shape[3], shape[2], shape[0], shape[1])
-    if transform == "dense":  # [in, out] -> [out, in]
-        return (shape[1], shape[0])
-    return tuple(shape)
-
-
-def _from_torch(value: np.ndarray, transform: str | None) -> np.ndarray:
-    if transform == "conv":  # [O, I/g, kh, kw] -> [kh, kw, I/g, O]
-        value = value.transpose(2, 3, 1, 0)
-    elif transform == "dense":
-        value = value.T
-    return np.ascontiguousarray(value, dtype=np.float32)
-
-
-@functools.lru_cache(maxsize=None)
-def _abstract_variables(model_name: str, num_classes: int):
-    import jax
-
-    from demkd_jax import models
-
-    model = models.create_model(model_name, num_classes)
-    return jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0)))
 
 
 @functools.lru_cache(maxsize=None)
 def _layout(model_name: str, num_classes: int) -> tuple[dict[str, tuple], frozenset[str]]:
-    """``{torch key: (flax path, transform, torch shape)}`` and the set of BN module names."""
+    """``{torch key: (flax path, axes, torch shape)}`` and the set of BN module names."""
     if num_classes != 100:  # only the classifier depends on the class count: reuse the 100-class layout
         layout, bn_modules = _layout(model_name, 100)
         layout = dict(layout)
         classifier = CLASSIFIER[_family(model_name)]
         for key in (f"{classifier}.weight", f"{classifier}.bias"):
-            path, transform, shape = layout[key]
-            layout[key] = (path, transform, (num_classes, *shape[1:]))
+            path, axes, shape = layout[key]
+            layout[key] = (path, axes, (num_classes, *shape[1:]))
         return layout, bn_modules
-    import jax
+    from demkd_jax.checkpoint import abstract_variables, tree_paths
 
     family = _family(model_name)
-    abstract = _abstract_variables(model_name, num_classes)
     layout, bn_modules = {}, set()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-        names = tuple(str(getattr(k, "key", k)) for k in path)
+    for path, leaf in tree_paths(abstract_variables(model_name, num_classes)).items():
+        names = tuple(path.split("/"))
         collection, module, leaf_name = names[0], "/".join(names[1:-1]), names[-1]
-        suffix, transform = _LEAVES[(collection, leaf_name, len(leaf.shape))]
+        suffix, axes = _LEAVES[(collection, leaf_name, len(leaf.shape))]
         torch_module = _torch_module_name(family, module)
         if leaf_name == "scale":
             bn_modules.add(torch_module)
-        layout[f"{torch_module}.{suffix}"] = (names, transform, _to_torch_shape(tuple(leaf.shape), transform))
+        layout[f"{torch_module}.{suffix}"] = (names, axes, tuple(leaf.shape[axes.index(i)] for i in range(len(axes))))
     return layout, frozenset(bn_modules)
 
 
@@ -213,15 +157,12 @@ def unwrap_state_dict(checkpoint: Any) -> dict[str, Any]:
         if isinstance(inner, Mapping) or (hasattr(inner, "state_dict") and callable(inner.state_dict)):
             return unwrap_state_dict(inner)
     if not any(_is_array(v) for v in obj.values()):
-        raise ConversionError(
-            "found no state dict: the checkpoint holds no arrays at the top level and none of the keys "
-            f"{', '.join(map(repr, _WRAPPER_KEYS))} (it has: {', '.join(map(repr, list(obj)[:10]))})"
-        )
+        raise ConversionError("found no state dict: the checkpoint holds no arrays at the top level and none of the "
+                              f"keys {', '.join(map(repr, _WRAPPER_KEYS))} "
+                              f"(it has: {', '.join(map(repr, list(obj)[:10]))})")
     out = {}
     for key, value in obj.items():
-        name = str(key)
-        while name.startswith("module."):
-            name = name[len("module."):]
+        name = re.sub(r"^(module\.)+", "", str(key))
         if name in out:
             raise ConversionError(f"key {name!r} occurs twice once 'module.' prefixes are stripped")
         out[name] = value
@@ -268,67 +209,69 @@ def _listing(items: list[str], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _convert(state_dict: Any, model_name: str, num_classes: int | None) -> tuple[dict, int]:
-    family = _family(model_name)
-    sd = unwrap_state_dict(state_dict)
-    arrays = {k: _to_numpy(k, v) for k, v in sd.items()}
-    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+def _num_classes(shapes: Mapping[str, tuple[int, ...]], family: str, asked: int | None) -> int:
+    """The class count asked for (checked against the classifier weight), or the one that weight has."""
+    found = _infer_num_classes(shapes, family)
+    if asked is None:
+        asked = found or next((n for n in (_infer_num_classes(shapes, f) for f in CLASSIFIER) if n), 100)
+    elif found is not None and found != asked:
+        key = CLASSIFIER[family] + ".weight"
+        raise ConversionError(f"{key!r} has {found} classes ({key} shape {shapes[key]}), but {asked} classes were "
+                              "asked for")
+    if asked < 1:
+        raise ConversionError(f"num_classes must be >= 1, got {asked}")
+    return asked
 
-    classifier_key = CLASSIFIER[family] + ".weight"
-    found_classes = _infer_num_classes(shapes, family)
-    if num_classes is None:
-        num_classes = found_classes or next(
-            (n for n in (_infer_num_classes(shapes, f) for f in CLASSIFIER) if n), 100)
-    elif found_classes is not None and found_classes != num_classes:
-        raise ConversionError(
-            f"{classifier_key!r} has {found_classes} classes ({classifier_key} shape {shapes[classifier_key]}), "
-            f"but {num_classes} classes were asked for"
-        )
-    if num_classes < 1:
-        raise ConversionError(f"num_classes must be >= 1, got {num_classes}")
 
+def _check_keys(shapes: Mapping[str, tuple[int, ...]], model_name: str, num_classes: int) -> None:
+    """Raises :class:`ConversionError` naming every missing, unexpected or wrongly shaped key (and a closer model)."""
     layout, bn_modules = _layout(model_name, num_classes)
-    missing = [k for k in layout if k not in arrays]
-    unexpected = [k for k in arrays if k not in layout and not k.endswith(".num_batches_tracked")]
+    missing = [k for k in layout if k not in shapes]
+    unexpected = [k for k in shapes if k not in layout and not k.endswith(".num_batches_tracked")]
     unexpected_modules = {k.rsplit(".", 1)[0] for k in unexpected}
-    unexpected += [  # BN counters are ignored; listed only where nothing else names their module
-        k for k in arrays
-        if k.endswith(".num_batches_tracked") and k.rsplit(".", 1)[0] not in bn_modules | unexpected_modules
-    ]
+    # BN counters are ignored; listed only where nothing else names their module
+    unexpected += [k for k in shapes if k.endswith(".num_batches_tracked")
+                   and k.rsplit(".", 1)[0] not in bn_modules | unexpected_modules]
     wrong = [f"{k}: expected {layout[k][2]}, found {shapes[k]}"
-             for k in layout if k in arrays and shapes[k] != layout[k][2]]
-    if missing or unexpected or wrong:
-        problems = []
-        guess, guess_classes, score = guess_model(shapes)
-        if guess != model_name:
-            if score == 1.0:
-                problems.append(f"the keys look like a {guess!r} checkpoint ({guess_classes} classes), not {model_name!r}")
-            elif score >= 0.5:
-                problems.append(f"the keys look most like a {guess!r} checkpoint ({guess_classes} classes; "
-                                f"{score:.0%} of (key, shape) pairs match)")
-            else:
-                problems.append(f"the keys fit no zoo model well (closest: {guess!r}, {score:.0%} of (key, shape) pairs)")
-        if missing:
-            problems.append(f"missing {len(missing)} keys: {_listing(missing)}")
-        if unexpected:
-            problems.append(f"unexpected {len(unexpected)} keys: {_listing(unexpected)}")
-        if wrong:
-            problems.append(f"wrong shapes: {_listing(wrong, 5)}")
-        raise ConversionError(
-            f"cannot convert the state dict to {model_name!r} ({num_classes} classes): " + "; ".join(problems)
-        )
+             for k in layout if k in shapes and shapes[k] != layout[k][2]]
+    if not (missing or unexpected or wrong):
+        return
+    problems = []
+    guess, guess_classes, score = guess_model(shapes)
+    if guess != model_name:
+        if score == 1.0:
+            problems.append(f"the keys look like a {guess!r} checkpoint ({guess_classes} classes), not {model_name!r}")
+        elif score >= 0.5:
+            problems.append(f"the keys look most like a {guess!r} checkpoint ({guess_classes} classes; "
+                            f"{score:.0%} of (key, shape) pairs match)")
+        else:
+            problems.append(f"the keys fit no zoo model well (closest: {guess!r}, {score:.0%} of (key, shape) pairs)")
+    for what, items in (("missing", missing), ("unexpected", unexpected)):
+        if items:
+            problems.append(f"{what} {len(items)} keys: {_listing(items)}")
+    if wrong:
+        problems.append(f"wrong shapes: {_listing(wrong, 5)}")
+    raise ConversionError(f"cannot convert the state dict to {model_name!r} ({num_classes} classes): "
+                          + "; ".join(problems))
 
+
+def _convert(state_dict: Any, model_name: str, num_classes: int | None) -> tuple[dict, int]:
+    """``(variables, num_classes)``: the checked, converted Flax variables and the class count used."""
+    from demkd_jax.checkpoint import CheckpointError, abstract_variables, compare_trees
+
+    family = _family(model_name)
+    arrays = {k: _to_numpy(k, v) for k, v in unwrap_state_dict(state_dict).items()}
+    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    num_classes = _num_classes(shapes, family, num_classes)
+    _check_keys(shapes, model_name, num_classes)
     variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
-    for key, (path, transform, _) in layout.items():
+    for key, (path, axes, _) in _layout(model_name, num_classes)[0].items():
         node = variables
         for name in path[:-1]:
             node = node.setdefault(name, {})
-        node[path[-1]] = _from_torch(arrays[key], transform)
-
-    from demkd_jax.checkpoint import CheckpointError, compare_trees
-
+        node[path[-1]] = np.ascontiguousarray(arrays[key].transpose(axes), dtype=np.float32)
     try:
-        compare_trees(_abstract_variables(model_name, num_classes), variables, f"converted {model_name!r} variables")
+        compare_trees(abstract_variables(model_name, num_classes), variables, f"converted {model_name!r} variables")
     except CheckpointError as e:  # cannot happen unless the name map is wrong
         raise ConversionError(str(e)) from None
     return variables, num_classes
@@ -337,34 +280,27 @@ def _convert(state_dict: Any, model_name: str, num_classes: int | None) -> tuple
 def from_torch_state_dict(state_dict: Any, model_name: str, num_classes: int | None = None) -> dict[str, Any]:
     """Flax variables ``{"params", "batch_stats"}`` (numpy float32) for zoo model ``model_name``.
 
-    Args:
-      state_dict: a PyTorch ``state_dict`` (tensors or numpy arrays), or a checkpoint dict holding it under
-        ``model``, ``state_dict`` or ``net``; ``module.`` prefixes are stripped.
-      model_name: one of :data:`demkd_jax.models.MODEL_NAMES`.
-      num_classes: classifier width; inferred from the classifier weight when ``None`` (checked otherwise).
-
-    Raises:
-      ConversionError: unknown model name, missing, unexpected or wrongly shaped keys (named; when the keys
-        fit another zoo model, the message says which) or a class-count mismatch.
+    ``state_dict`` may also be a checkpoint dict holding it (:func:`unwrap_state_dict`), of tensors or numpy
+    arrays; ``num_classes`` is read from the classifier weight when None (checked otherwise). Raises
+    :class:`ConversionError` naming missing, unexpected or wrongly shaped keys (and the zoo model they fit).
     """
     return _convert(state_dict, model_name, num_classes)[0]
 
 
 # ---------------------------------------------------------------------------------------- .pth files
-def _import_torch():
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(f"reading PyTorch checkpoints needs torch: {TORCH_EXTRA_HINT}") from None
-    return torch
+def _read_error(path: pathlib.Path, e: Exception) -> ConversionError:
+    return ConversionError(f"cannot read {str(path)!r}: {type(e).__name__}: {str(e).splitlines()[0]}")
 
 
-def load_torch_file(path: str | os.PathLike, *, allow_unsafe: bool = True,
-                    note: Callable[[str], None] | None = None) -> Any:
+def load_torch_file(path: str | os.PathLike, *, allow_unsafe: bool = True) -> Any:
     """``torch.load(path, map_location="cpu")``: with ``weights_only=True`` first; old pickles that need
     ``weights_only=False`` (e.g. RepDistiller's final checkpoint pickles its argparse options) are loaded that
     way when ``allow_unsafe``, with a note (it runs pickled code: only for files you trust)."""
-    torch = _import_torch()
+    try:
+        import torch
+    except ImportError:
+        raise ImportError('reading PyTorch checkpoints needs torch: pip install -e ".[torch]" (in a checkout) or '
+                          'pip install "demkd-jax[torch]"') from None
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConversionError(f"no such file: {str(path)!r}")
@@ -375,34 +311,31 @@ def load_torch_file(path: str | os.PathLike, *, allow_unsafe: bool = True,
         reason = f"it pickles {found[1]}" if found else str(e).splitlines()[0][:200]
         if not allow_unsafe:
             raise ConversionError(f"{str(path)!r} cannot be loaded with weights_only=True ({reason})") from None
-        (note or (lambda s: print(s, file=sys.stderr)))(
-            f"note: {str(path)!r} needs torch.load(weights_only=False) ({reason}); loading it that way, which "
-            "runs pickled code: only do this for files you trust (--weights-only refuses)"
-        )
+        print(f"note: {str(path)!r} needs torch.load(weights_only=False) ({reason}); loading it that way, which "
+              "runs pickled code: only do this for files you trust (--weights-only refuses)", file=sys.stderr)
     except Exception as e:
-        raise ConversionError(f"cannot read {str(path)!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise _read_error(path, e) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ConversionError(f"cannot read {str(path)!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise _read_error(path, e) from None
 
 
 def _checkpoint_metadata(checkpoint: Any) -> dict[str, Any]:
     """``acc``/``accuracy``/``best_acc``/``epoch`` of a RepDistiller-style checkpoint dict (tensors -> floats)."""
     meta = {}
-    if isinstance(checkpoint, Mapping):
-        for key in _METADATA_KEYS:
-            value = checkpoint.get(key)
-            if hasattr(value, "item"):  # a tensor or numpy scalar
-                single = "float32" in str(value.dtype)
-                try:
-                    value = value.item()
-                except (ValueError, RuntimeError):
-                    continue
-                if single:  # 74.64, not 74.63999938964844
-                    value = float(str(np.float32(value)))
-            if isinstance(value, numbers.Number) and not isinstance(value, bool):
-                meta[key] = int(value) if isinstance(value, numbers.Integral) else float(value)
+    for key in _METADATA_KEYS if isinstance(checkpoint, Mapping) else ():
+        value = checkpoint.get(key)
+        if hasattr(value, "item"):  # a tensor or numpy scalar
+            single = "float32" in str(value.dtype)
+            try:
+                value = value.item()
+            except (ValueError, RuntimeError):
+                continue
+            if single:  # 74.64, not 74.63999938964844
+                value = float(str(np.float32(value)))
+        if isinstance(value, numbers.Number) and not isinstance(value, bool):
+            meta[key] = int(value) if isinstance(value, numbers.Integral) else float(value)
     return meta
 
 
@@ -422,24 +355,14 @@ def sanity_forward(model_name: str, num_classes: int, variables: Mapping[str, An
     return f"sanity forward ok (logits {logits.shape}, |logits| <= {np.abs(logits).max():.3g})"
 
 
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def main(argv: Iterable[str] | None = None) -> int:
-    from demkd_jax.models import MODEL_NAMES
+    from demkd_jax import checkpoint, models
 
-    parser = argparse.ArgumentParser(
-        prog="python -m demkd_jax.convert",
-        description="Convert a PyTorch CIFAR teacher (RepDistiller / CA-MKD / mdistiller .pth) into a demkd_jax "
-                    "teacher checkpoint directory.",
-    )
+    parser = argparse.ArgumentParser(prog="python -m demkd_jax.convert",
+                                     description="Convert a PyTorch CIFAR teacher (RepDistiller / CA-MKD / mdistiller "
+                                                 ".pth) into a demkd_jax teacher checkpoint directory.")
     parser.add_argument("--torch", required=True, metavar="PATH", help="the .pth file")
-    parser.add_argument("--model", required=True, metavar="NAME", help=f"zoo name: {', '.join(MODEL_NAMES)}")
+    parser.add_argument("--model", required=True, metavar="NAME", help=f"zoo name: {', '.join(models.MODEL_NAMES)}")
     parser.add_argument("--out", required=True, metavar="DIR", help="teacher checkpoint directory to write")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="classifier width (default: read from the classifier weight)")
@@ -448,16 +371,13 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--weights-only", action="store_true",
                         help="refuse files that need torch.load(weights_only=False) (old pickles)")
     args = parser.parse_args(None if argv is None else list(argv))
-
-    from demkd_jax import checkpoint, models
-
     try:
         path = pathlib.Path(args.torch).absolute()
         loaded = load_torch_file(path, allow_unsafe=not args.weights_only)
         variables, num_classes = _convert(loaded, args.model, args.num_classes)
         check = "" if args.no_check else "; " + sanity_forward(args.model, num_classes, variables, args.image_size)
-        meta = {"source": "torch", "torch_file": str(path), "torch_sha256": _sha256(path),
-                **_checkpoint_metadata(loaded)}
+        meta = {"source": "torch", "torch_file": str(path),
+                "torch_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), **_checkpoint_metadata(loaded)}
         out = checkpoint.save_teacher(args.out, variables, model_name=args.model, num_classes=num_classes,
                                       metadata=meta)
     except (ConversionError, checkpoint.CheckpointError, ImportError, OSError) as e:

@@ -1,9 +1,6 @@
-"""Stopping cleanly on SIGINT (Ctrl-C) and SIGTERM (what schedulers and preemption send).
-
-Inside :func:`stop_on_signals` the first such signal raises :class:`Interrupted` in the main thread: the step
-in flight is abandoned and the newest checkpoint on disk is the one a rerun resumes from. A signal that lands
-inside :func:`critical` (a checkpoint save, a metrics record, a config write) is held until that write is
-complete, so no file is left half-written by it. A second signal ends the process at once (the default action).
+"""Stopping cleanly on SIGINT (Ctrl-C) and SIGTERM: inside :func:`stop_on_signals` the first one raises
+:class:`Interrupted`, held until the end of a :func:`critical` write; a second one ends the process at once.
+How and why: docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -16,17 +13,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(BaseException):
-    """The run was asked to stop by ``signum``; ``exit_status`` is the shell's 128 + signum (130, 143).
-
-    A BaseException, like KeyboardInterrupt: the ``except Exception`` that classifies a read error (a
-    checkpoint restore, say) as corruption must not catch it.
-    """
+    """The run was asked to stop by ``signum``; ``exit_status`` is the shell's 128 + signum (130, 143). A
+    BaseException, like KeyboardInterrupt: an ``except Exception`` that classifies a read error (a checkpoint
+    restore, say) as corruption must not catch it."""
 
     def __init__(self, signum: int):
-        self.signum = int(signum)
-        self.signal_name = signal.Signals(signum).name
-        self.exit_status = 128 + self.signum
-        super().__init__(f"interrupted by {self.signal_name}")
+        self.exit_status = 128 + int(signum)
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
 _depth = 0  # nesting of critical() sections in the main thread
@@ -52,10 +45,8 @@ def critical():
     _depth += 1
     try:
         yield
-    except BaseException:
+    finally:
         _depth -= 1
-        raise
-    _depth -= 1
     if _depth == 0 and _pending is not None:
         signum, _pending = _pending, None
         raise Interrupted(signum)

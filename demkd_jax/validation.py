@@ -1,15 +1,14 @@
-"""Validation of a run's config: everything that can be checked before data is loaded or anything compiled.
-
-:func:`validate` raises :class:`demkd_jax.config.ConfigError` naming the bad value and what was expected; with
-the teachers' ``teacher.json`` files (architecture, class count) it reads nothing else. :func:`validate_data`
-checks what needs the loaded data (batch size against the training set, the teachers' class count), still before
-anything is compiled or written into the workdir.
+"""Validation of a run's config before data is loaded or anything compiled (:func:`validate`, reading only the
+teachers' ``teacher.json``), and of what needs the loaded data (:func:`validate_data`), before any compilation or
+write into the workdir. Both raise :class:`demkd_jax.config.ConfigError` naming the value and what was expected.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import pathlib
 
 import jax
 
@@ -19,10 +18,9 @@ from demkd_jax import losses
 from demkd_jax import methods
 from demkd_jax import models
 from demkd_jax import parallel
+from demkd_jax import workdir as workdir_lib
 from demkd_jax.config import (DATA_ORDERS, DTYPES, EXECUTIONS, NONFINITE_POLICIES, WEIGHT_SCHEMES, WINOGRAD_MODES,
                               ConfigError)
-
-METHODS = methods.METHOD_NAMES
 
 
 def _fail(msg: str) -> None:
@@ -31,9 +29,9 @@ def _fail(msg: str) -> None:
 
 def validate(config, *, workdir: str | None = None) -> None:
     """Checks everything that can be checked without touching data or compiling."""
-    if config.distill.method not in METHODS:
+    if config.distill.method not in methods.METHOD_NAMES:
         _fail(f"unknown method {config.distill.method!r} (config.distill.method); expected one of "
-              f"{', '.join(METHODS)}")
+              f"{', '.join(methods.METHOD_NAMES)}")
     method = methods.get(config.distill.method)
     _check_choices(config)
     _check_numbers(config)
@@ -68,34 +66,28 @@ def _check_choices(config) -> None:
             _fail(f"unknown model name {value!r} (config.{key}); expected one of: {', '.join(models.MODEL_NAMES)}")
 
 
+# (config keys, test, what each must be), checked in this order.
+_NUMBER_CHECKS = (
+    (("distill.ce_weight", "distill.kd_weight"), lambda v: v is None or _finite(v) and v >= 0,
+     "a number >= 0 (or None for the method's default)"),
+    (("distill.feature_warmup_epochs",), lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    (("optim.learning_rate", "student.width"), lambda v: _finite(v) and v > 0, "a positive number"),
+    (("num_epochs", "batch_size", "eval_batch_size", "num_seeds", "log_every_steps", "checkpoint.every_epochs",
+      "checkpoint.keep_last"), lambda v: _is_int(v) and v > 0, "a positive integer"),
+    (("optim.weight_decay",), lambda v: _finite(v) and v >= 0, ">= 0"),
+    (("optim.momentum",), lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    (("optim.lr_decay_rate",), lambda v: _finite(v) and v > 0, "a positive number"),
+    (("optim.lr_decay_epochs",), lambda v: all(_is_int(e) and e >= 0 for e in v), "integer epochs >= 0"),
+    (("distill.temperature", "distill.weight_temperature", "distill.weight_tau"), lambda v: v > 0, "> 0"),
+)
+
+
 def _check_numbers(config) -> None:
-    distill, optim = config.distill, config.optim
-    for name in ("ce_weight", "kd_weight"):
-        if distill[name] is not None and not (_is_number(distill[name]) and math.isfinite(distill[name]) and distill[name] >= 0):
-            _fail(f"config.distill.{name} must be a number >= 0 (or None for the method's default), got {distill[name]!r}")
-    if not (_is_int(distill.feature_warmup_epochs) and distill.feature_warmup_epochs >= 0):
-        _fail(f"config.distill.feature_warmup_epochs must be an integer >= 0, got {distill.feature_warmup_epochs!r}")
-    for name, value in (("optim.learning_rate", optim.learning_rate), ("student.width", config.student.width)):
-        if not (_is_number(value) and math.isfinite(value) and value > 0):
-            _fail(f"config.{name} must be a positive number, got {value!r}")
-    for name, value in (("num_epochs", config.num_epochs), ("batch_size", config.batch_size),
-                        ("eval_batch_size", config.eval_batch_size), ("num_seeds", config.num_seeds),
-                        ("log_every_steps", config.log_every_steps),
-                        ("checkpoint.every_epochs", config.checkpoint.every_epochs),
-                        ("checkpoint.keep_last", config.checkpoint.keep_last)):
-        if not (_is_int(value) and value > 0):
-            _fail(f"config.{name} must be a positive integer, got {value!r}")
-    if not (_is_number(optim.weight_decay) and math.isfinite(optim.weight_decay) and optim.weight_decay >= 0):
-        _fail(f"config.optim.weight_decay must be >= 0, got {optim.weight_decay!r}")
-    if not (_is_number(optim.momentum) and 0 <= optim.momentum < 1):
-        _fail(f"config.optim.momentum must be in [0, 1), got {optim.momentum!r}")
-    if not (_is_number(optim.lr_decay_rate) and math.isfinite(optim.lr_decay_rate) and optim.lr_decay_rate > 0):
-        _fail(f"config.optim.lr_decay_rate must be a positive number, got {optim.lr_decay_rate!r}")
-    if any(not (_is_int(e) and e >= 0) for e in optim.lr_decay_epochs):
-        _fail(f"config.optim.lr_decay_epochs must be integer epochs >= 0, got {tuple(optim.lr_decay_epochs)!r}")
-    for name in ("temperature", "weight_temperature", "weight_tau"):
-        if not distill[name] > 0:
-            _fail(f"config.distill.{name} must be > 0, got {distill[name]!r}")
+    for keys, ok, what in _NUMBER_CHECKS:
+        for key in keys:
+            value = functools.reduce(lambda node, k: node[k], key.split("."), config)
+            if not ok(value):
+                _fail(f"config.{key} must be {what}, got {value!r}")
 
 
 def _check_replicas(config, method: methods.Method) -> None:
@@ -130,13 +122,7 @@ def _check_teachers(config, method: methods.Method) -> None:
         _fail(f"method {distill.method!r} with {k} teacher: {divides} divide by K - 1, so K must be >= 2")
     if k < 1:
         _fail(f"config.teachers.num must be >= 1, got {k}")
-    for path in ckpts:
-        if os.path.exists(path) and not os.path.isdir(path):
-            _fail(f"teacher checkpoint {path!r} is a file, expected a teacher checkpoint directory "
-                  "(config.teachers.checkpoints)")
-        if not os.path.isdir(path):
-            _fail(f"teacher checkpoint directory {path!r} does not exist (config.teachers.checkpoints)")
-    # Architecture, class count and agreement of the teachers, from their teacher.json files alone.
+    # Existence, architecture, class count and agreement of the teachers, from their teacher.json files alone.
     metas = ckpt_lib.check_teacher_dirs(ckpts, model_name=config.teachers.model or None)
     if method.feature_term == "hint":
         teacher_model = metas[0]["model"] if metas else config.teachers.model
@@ -150,10 +136,9 @@ def _check_teachers(config, method: methods.Method) -> None:
 
 def validate_data(config, ds: data_lib.Dataset) -> None:
     """The checks that need the loaded dataset; still before any compilation or write into the workdir."""
-    n_train = ds.num_train
-    if config.batch_size > n_train:
-        _fail(f"config.batch_size={config.batch_size} is larger than the training set ({n_train} images of "
-              f"{ds.name}); expected at most {n_train}")
+    if config.batch_size > ds.num_train:
+        _fail(f"config.batch_size={config.batch_size} is larger than the training set ({ds.num_train} images of "
+              f"{ds.name}); expected at most {ds.num_train}")
     if methods.get(config.distill.method).teachers != "none" and config.teachers.checkpoints:
         ckpt_lib.check_teacher_dirs(tuple(config.teachers.checkpoints), num_classes=ds.num_classes)
 
@@ -182,18 +167,18 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _finite(value) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
 def _check_writable(workdir: str) -> None:
     if not str(workdir).strip():  # os.path.abspath("") is the current directory
         _fail(f"workdir {workdir!r} is empty; expected a directory for the run's checkpoints, metrics and summary "
               "(e.g. --workdir=runs/vgg8)")
-    path = os.path.abspath(workdir)
-    probe = path
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if os.path.exists(path) and not os.path.isdir(path):
+    path = pathlib.Path(os.path.abspath(workdir))
+    if path.exists() and not path.is_dir():
         _fail(f"workdir {workdir!r} exists and is not a directory")
+    missing = workdir_lib.first_missing(path)  # what the run will create; its parent must be writable
+    probe = str(path if missing is None else missing.parent)
     if not os.access(probe, os.W_OK | os.X_OK):
         _fail(f"workdir {workdir!r} is not writable ({probe!r} denies write access)")

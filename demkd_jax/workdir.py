@@ -1,12 +1,5 @@
-"""The workdir of one run: claimed exclusively, its metrics log crash-safe, its config kept to compare a resume.
-
-- :func:`claimed` creates the workdir (and missing parents), takes an exclusive lock on it (``.lock``: a second
-  run on it is refused in one line; the lock of a process that died is released by the kernel and the file
-  left behind is taken over), refuses to resume a run whose result-changing config fields differ from the saved
-  ``config.json`` (:func:`config_changes`), and removes what it created if the run fails before writing any file.
-- :class:`MetricsLog`: ``metrics.jsonl``, one JSON record per epoch, appended and fsynced record by record; on
-  resume a line cut by a crash is dropped and every record up to the restored step that the log lost is put back
-  from the copy kept in the checkpoint.
+"""The workdir of one run: claimed exclusively (:func:`claimed`), its metrics log crash-safe (:class:`MetricsLog`),
+its config kept to refuse a resume with another one (:func:`check_resume_config`). Details: docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -43,10 +36,6 @@ class WorkdirError(ConfigError):
     """The workdir cannot be used for this run (locked by another run, or holding a run of another config)."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Lock
-
-
 class WorkdirLock:
     """An exclusive ``flock`` on ``<workdir>/.lock`` holding the owner's pid, host and start time."""
 
@@ -68,11 +57,9 @@ class WorkdirLock:
                 raise WorkdirError(f"workdir {str(self.workdir)!r} is in use by another run ({_describe(holder)}); "
                                    "wait for it to end, or use another --workdir") from None
             # The previous holder unlinks the file when it releases it: the lock must be on the file still there.
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
                     break
-            except FileNotFoundError:
-                pass
             os.close(fd)
         stale = _read_owner(fd)
         if stale:
@@ -105,21 +92,11 @@ def _describe(owner: dict) -> str:
     return f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Config of a resumed run
-
-
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def _config_json(config) -> dict:
-    return json.loads(config.to_json_best_effort())
+    """``{"optim.learning_rate": 0.05, ...}``: the leaves of nested dicts by dotted key."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {key: leaf for k, v in tree.items() for key, leaf in _flatten(v, f"{prefix}{k}.").items()}
 
 
 def _is_neutral(key: str) -> bool:
@@ -128,30 +105,26 @@ def _is_neutral(key: str) -> bool:
 
 def config_changes(saved: dict, config) -> list[str]:
     """``key: old -> new`` for each result-changing field of ``config`` that differs from ``saved``."""
-    old, new = _flatten(saved), _flatten(_config_json(config))
+    old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
     missing = "(absent)"
     return [f"{k}: {json.dumps(old.get(k, missing))} -> {json.dumps(new.get(k, missing))}"
             for k in sorted(set(old) | set(new))
             if not _is_neutral(k) and old.get(k, missing) != new.get(k, missing)]
 
 
-def _has_checkpoints(workdir: pathlib.Path) -> bool:
-    checkpoints = workdir / "checkpoints"
-    return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
-
-
 def check_resume_config(workdir: pathlib.Path, config, log: Callable[[str], Any] = print) -> None:
     """Refuses to resume the run in ``workdir`` with a config whose result-changing fields differ from its
     ``config.json``, naming them (``config.checkpoint.allow_config_change=True`` resumes anyway)."""
-    path = workdir / CONFIG_NAME
-    if not (_has_checkpoints(workdir) and path.is_file()):
+    path, checkpoints = workdir / CONFIG_NAME, workdir / "checkpoints"
+    if not (path.is_file() and checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
         return
     allow = bool(config.checkpoint.get("allow_config_change", False))
     try:
         saved = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         if allow:
-            log(f"{path} is unreadable ({type(e).__name__}); resuming without comparing configs ({ALLOW_CONFIG_CHANGE})")
+            log(f"{path} is unreadable ({type(e).__name__}); resuming without comparing configs "
+                f"({ALLOW_CONFIG_CHANGE})")
             return
         raise WorkdirError(f"{str(path)!r} (the config of the run to resume) is unreadable ({type(e).__name__}: "
                            f"{e}); restore it, or set --config.{ALLOW_CONFIG_CHANGE}=True to resume anyway") from None
@@ -173,7 +146,7 @@ def record_config(workdir: pathlib.Path, config, step: int) -> None:
     with interrupts.critical():
         if step > 0 and path.is_file() and config_changes(_read_json_or_empty(path), config):
             os.replace(path, workdir / f"config.step{step}.json")
-        _write_text_atomic(path, config.to_json_best_effort(indent=2))
+        write_text_atomic(path, config.to_json_best_effort(indent=2))
 
 
 def _read_json_or_empty(path: pathlib.Path) -> dict:
@@ -184,7 +157,9 @@ def _read_json_or_empty(path: pathlib.Path) -> dict:
     return saved if isinstance(saved, dict) else {}
 
 
-def _write_text_atomic(path: pathlib.Path, text: str) -> None:
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    """Writes ``text`` via a temporary file, fsync and an atomic rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -198,11 +173,7 @@ def _write_text_atomic(path: pathlib.Path, text: str) -> None:
         raise
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Claiming the workdir for a run
-
-
-def _first_missing(path: pathlib.Path) -> pathlib.Path | None:
+def first_missing(path: pathlib.Path) -> pathlib.Path | None:
     """The outermost directory of ``path`` that does not exist yet (what ``mkdir -p`` creates), or None."""
     missing = None
     for p in (path, *path.parents):
@@ -223,35 +194,26 @@ def claimed(workdir: pathlib.Path, config, *, lock: bool = True,
     it) and checked against the config of the run it holds. If the block fails and wrote no file, the
     directories it created are removed again."""
     workdir = pathlib.Path(workdir).absolute()
-    created = _first_missing(workdir)
+    created = first_missing(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    held = WorkdirLock(workdir) if lock else None
+    held = WorkdirLock(workdir)  # releasing one never acquired (lock=False) does nothing
     try:
-        if held is not None:
+        if lock:
             held.acquire(log)
         check_resume_config(workdir, config, log)
         yield workdir
     except BaseException:
-        if held is not None:
-            held.release()
-            held = None
+        held.release()  # before the directories it created are removed
         if created is not None and created.is_dir() and _holds_no_file(created):
             shutil.rmtree(created)
         raise
     finally:
-        if held is not None:
-            held.release()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Metrics
+        held.release()
 
 
 class MetricsLog:
-    """``metrics.jsonl`` in the workdir: one JSON object per epoch, keyed by its ``step``.
-
-    ``writable=False`` (every process but process 0 of a multi-host run) reads but never writes.
-    """
+    """``metrics.jsonl`` in the workdir: one JSON object per epoch, keyed by its ``step``. ``writable=False``
+    (every process but process 0 of a multi-host run) reads but never writes."""
 
     def __init__(self, workdir: pathlib.Path, writable: bool = True):
         self.path = pathlib.Path(workdir) / METRICS_NAME
@@ -279,15 +241,14 @@ class MetricsLog:
             if isinstance(rec.get("step"), int) and rec["step"] <= step:
                 by_step.setdefault(rec["step"], rec)
         lost = [r for r in saved if isinstance(r.get("step"), int) and r["step"] <= step and r["step"] not in by_step]
-        for rec in lost:
-            by_step[rec["step"]] = rec
+        by_step.update((r["step"], r) for r in lost)
         kept = [by_step[s] for s in sorted(by_step)]
         if lost:
             log(f"{self.path} had lost the records of epoch(s) {', '.join(str(r.get('epoch')) for r in lost)}; "
                 "restored them from the checkpoint")
         if self.writable:
             with interrupts.critical():
-                _write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+                write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     def write(self, record: dict) -> None:

@@ -500,7 +500,7 @@ def test_corrupted_latest_checkpoint_falls_back_and_is_moved_aside(kind, tmp_pat
     assert len(names) == 2 and names[0] == "2" and names[1].startswith("3.corrupt-")
     # The directory keeps working: step 3 is saved again and Orbax ignores the moved-aside one.
     ckpt.save(3, _tiny_state(3), test_acc=3.0)
-    assert ckpt.all_steps() == [2, 3] and any(p.name.startswith("3.corrupt-") for p in directory.iterdir())
+    assert list(ckpt.manager.all_steps()) == [2, 3] and any(p.name.startswith("3.corrupt-") for p in directory.iterdir())
     ckpt.close()
 
 
