@@ -191,11 +191,6 @@ def make_optimizer(config, schedule: optax.Schedule, nesterov: bool) -> optax.Gr
                        optax.sgd(schedule, momentum=optim.momentum or None, nesterov=bool(nesterov and optim.momentum)))
 
 
-def schedule_count(opt_state: optax.OptState) -> jax.Array:
-    """The step count of the optimizer's learning-rate schedule."""
-    return optax.tree_utils.tree_get(opt_state, "count")
-
-
 def init_state(setup: RunSpec, rng: jax.Array) -> TrainState:
     """R independently initialised students (+ connectors), stacked on a leading replica axis."""
     x = jnp.zeros((2, *setup.image_shape), jnp.float32)
@@ -227,20 +222,10 @@ def teacher_forward(setup: RunSpec, teacher_vars: Params, x: jax.Array) -> tuple
     return jax.lax.stop_gradient(map_stacked(one, setup.teacher_execution, teacher_vars, x))
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
-
-
-def _select(pred: jax.Array, new: Any, old: Any) -> Any:
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
-
-
-def _hold_subtree(hold: jax.Array, new: Any, old: Any, key: str) -> Any:
-    """``new`` with the leaves under dict key ``key`` (e.g. the connectors) taken from ``old`` where ``hold``."""
+def _hold_connectors(hold: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` with the leaves under a "connectors" dict key taken from ``old`` where ``hold``."""
     def pick(path, a, b):
-        under = any(isinstance(p, jax.tree_util.DictKey) and p.key == key for p in path)
+        under = any(isinstance(p, jax.tree_util.DictKey) and p.key == "connectors" for p in path)
         return jnp.where(hold, b, a) if under else a
     return jax.tree_util.tree_map_with_path(pick, new, old)
 
@@ -314,26 +299,27 @@ def make_replica_update(setup: RunSpec, loss_fn: Callable) -> Callable:
     def replica_update(params, batch_stats, opt_state, x, y, t_logits, t_feats, weights, epoch, teacher_vars):
         (loss, (terms, new_stats, s_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, batch_stats, x, y, t_logits, t_feats, weights, epoch, teacher_vars)
-        lr = setup.lr_schedule(schedule_count(opt_state))
+        lr = setup.lr_schedule(optax.tree.get(opt_state, "count"))
         updates, new_opt_state = setup.tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         if setup.connector is not None:
             # PyTorch's SGD skips parameters without a gradient: before the feature term starts, the connectors
             # get neither weight decay nor momentum.
             frozen = epoch < setup.config.distill.feature_start_epoch
-            new_params = _hold_subtree(frozen, new_params, params, "connectors")
-            new_opt_state = _hold_subtree(frozen, new_opt_state, opt_state, "connectors")
+            new_params, new_opt_state = _hold_connectors(frozen, (new_params, new_opt_state), (params, opt_state))
         grad_norm = optax.tree.norm(grads)
         # Finite loss and gradients can still overflow in the update (a huge learning rate): check the result too.
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((new_params, new_stats, new_opt_state))
+        ok = jax.tree.reduce(lambda ok, x: ok & jnp.isfinite(x).all(), (new_params, new_stats, new_opt_state),
+                             jnp.isfinite(loss) & jnp.isfinite(grad_norm))
         # A non-finite step never reaches the state (config.on_nonfinite decides whether the run stops); the
         # schedule still advances, so the learning rate stays a function of the step.
-        kept_opt_state = optax.tree_utils.tree_set(_select(ok, new_opt_state, opt_state),
-                                                   count=schedule_count(new_opt_state))
+        kept_opt_state = optax.tree.set(optax.tree.where(ok, new_opt_state, opt_state),
+                                        count=optax.tree.get(new_opt_state, "count"))
         metrics = {"loss": loss, **terms, "accuracy": jnp.mean(jnp.argmax(s_logits, -1) == y) * 100.0,
                    "grad_norm": grad_norm, "param_norm": optax.tree.norm(params), "lr": lr,
                    "nonfinite": (~ok).astype(jnp.int32)}
-        return (_select(ok, new_params, params), _select(ok, new_stats, batch_stats), kept_opt_state), metrics
+        return (optax.tree.where(ok, new_params, params), optax.tree.where(ok, new_stats, batch_stats),
+                kept_opt_state), metrics
 
     return replica_update
 
