@@ -97,21 +97,17 @@ def build_setup(config, ds, teachers: Teachers | None) -> RunSpec:
     """The static description of the run: models, connectors, optimizer, execution modes."""
     dtype = jnp.dtype(config.dtype)
     resolved = methods.resolve(config)
-    image_shape = tuple(int(n) for n in ds.train_images.shape[1:])
-    n_train = ds.train_images.shape[0]
-    steps_per_epoch = n_train // config.batch_size
+    steps_per_epoch = ds.num_train // config.batch_size
     student = models.create_model(config.student.model, ds.num_classes, dtype, width=config.student.width,
                                   winograd=resolve_winograd(config.student.winograd, dtype))
-    teacher = None
-    if teachers is not None:
-        teacher = models.create_model(teachers.model_name, ds.num_classes, dtype, width=teachers.width,
-                                      fold_bn=teachers.folded,
-                                      winograd=resolve_winograd(config.teachers.winograd, dtype))
+    teacher = None if teachers is None else models.create_model(
+        teachers.model_name, ds.num_classes, dtype, width=teachers.width, fold_bn=teachers.folded,
+        winograd=resolve_winograd(config.teachers.winograd, dtype))
     num_teachers = 0 if teachers is None else jax.tree_util.tree_leaves(teachers.variables)[0].shape[0]
     feature_index = connector = None
     if resolved.feature_term != "none":
         feature_index = config.distill.hint_layer if resolved.feature_term == "hint" else -2
-        s_feats, t_feats = _feature_shapes(student, image_shape), _feature_shapes(teacher, image_shape)
+        s_feats, t_feats = _feature_shapes(student, ds.image_shape), _feature_shapes(teacher, ds.image_shape)
         validation.check_feature_index(feature_index, "student", config.student.model, len(s_feats) - 1)
         validation.check_feature_index(feature_index, "teacher", teachers.model_name, len(t_feats) - 1)
         t_shape = t_feats[feature_index].shape
@@ -120,12 +116,12 @@ def build_setup(config, ds, teachers: Teachers | None) -> RunSpec:
     schedule = lr_schedule(config, steps_per_epoch)
     return RunSpec(
         config=config, method=resolved, student=student, teacher=teacher, connector=connector,
-        tx=make_optimizer(config, schedule, resolved.nesterov), lr_schedule=schedule, image_shape=image_shape,
+        tx=make_optimizer(config, schedule, resolved.nesterov), lr_schedule=schedule, image_shape=ds.image_shape,
         data_order=config_lib.data_order(config),
         steps_per_epoch=steps_per_epoch, num_replicas=config_lib.num_replicas(config), num_teachers=num_teachers,
         replica_execution=resolve_execution(config.execution),
         teacher_execution=resolve_execution(config.teachers.execution), feature_index=feature_index,
-        num_train=n_train, mean=tuple(float(m) for m in ds.mean), std=tuple(float(v) for v in ds.std),
+        num_train=ds.num_train, mean=tuple(float(m) for m in ds.mean), std=tuple(float(v) for v in ds.std),
         mesh=parallel.make_mesh(config))
 
 
@@ -197,14 +193,12 @@ def init_state(setup: RunSpec, rng: jax.Array) -> TrainState:
 
     def init_one(key):
         k_student, k_conn = jax.random.split(key)
-        variables = setup.student.init(k_student, x, train=False)
-        params = {"student": variables["params"]}
-        stats = {"student": variables.get("batch_stats", {})}
+        (_, feats), student = setup.student.init_with_output(k_student, x, train=False)
+        variables = {"student": student}
         if setup.connector is not None:
-            _, feats = setup.student.apply(variables, x, train=False)
-            c_vars = setup.connector.init(k_conn, feats[setup.feature_index], train=False)
-            params["connectors"] = c_vars["params"]
-            stats["connectors"] = c_vars.get("batch_stats", {})
+            variables["connectors"] = setup.connector.init(k_conn, feats[setup.feature_index], train=False)
+        params = {k: v["params"] for k, v in variables.items()}
+        stats = {k: v.get("batch_stats", {}) for k, v in variables.items()}
         return params, stats, setup.tx.init(params)
 
     keys = jnp.stack([jax.random.fold_in(rng, r) for r in range(setup.num_replicas)])
@@ -242,8 +236,6 @@ def make_batch_fn(setup: RunSpec) -> Callable:
     gathered and augmented on the device with the stream ``key``."""
     config = setup.config
     dtype = jnp.dtype(config.dtype)
-    mean = jnp.asarray(setup.mean, jnp.float32)
-    std = jnp.asarray(setup.std, jnp.float32)
 
     def batch(images, labels, perm, key, step):
         # The global batch, split along the mesh's "data" axis from here on: each device gathers, augments
@@ -251,9 +243,9 @@ def make_batch_fn(setup: RunSpec) -> Callable:
         position = step % setup.steps_per_epoch
         idx = parallel.constrain_batch(data_lib.batch_indices_from_permutation(perm, position, config.batch_size),
                                        setup.mesh)
-        x = data_lib.augment(images[idx], jax.random.fold_in(jax.random.fold_in(key, 1), step), mean, std,
-                             padding=config.data.crop_padding, flip=config.data.random_flip)
-        return parallel.constrain_batch((x.astype(dtype), labels[idx]), setup.mesh)
+        x = data_lib.augment(images[idx], jax.random.fold_in(jax.random.fold_in(key, 1), step), setup.mean, setup.std,
+                             padding=config.data.crop_padding, flip=config.data.random_flip, dtype=dtype)
+        return parallel.constrain_batch((x, labels[idx]), setup.mesh)
 
     return batch
 
