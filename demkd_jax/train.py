@@ -72,7 +72,6 @@ class RunSpec:
     replica_execution: str
     teacher_execution: str
     feature_index: int | None  # which feature map the feature/hint term distils
-    num_train: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     mesh: jax.sharding.Mesh  # the "data" axis (demkd_jax.parallel)
@@ -81,11 +80,6 @@ class RunSpec:
     def replicated(self) -> jax.sharding.Sharding:
         """State, teachers, permutation, metrics: a copy on every device of the mesh."""
         return parallel.replicated(self.mesh)
-
-    @property
-    def dataset_sharding(self) -> jax.sharding.Sharding:
-        """The on-device splits: replicated or row-sharded (``config.mesh.dataset``)."""
-        return parallel.dataset_sharding(self.mesh, self.config.mesh.dataset)
 
 
 def _feature_shapes(model: nn.Module, image_shape) -> list:
@@ -121,7 +115,7 @@ def build_setup(config, ds, teachers: Teachers | None) -> RunSpec:
         steps_per_epoch=steps_per_epoch, num_replicas=config_lib.num_replicas(config), num_teachers=num_teachers,
         replica_execution=resolve_execution(config.execution),
         teacher_execution=resolve_execution(config.teachers.execution), feature_index=feature_index,
-        num_train=ds.num_train, mean=tuple(float(m) for m in ds.mean), std=tuple(float(v) for v in ds.std),
+        mean=tuple(float(m) for m in ds.mean), std=tuple(float(v) for v in ds.std),
         mesh=parallel.make_mesh(config))
 
 
@@ -362,13 +356,11 @@ def make_eval_fn(model: nn.Module, execution: str, num_examples: int, batch_size
     example once (padded fixed-size batches with a mask); the ensemble predicts with the members' mean probability.
     With a ``mesh``, each batch is split along its "data" axis."""
     num_batches = data_lib.num_eval_batches(num_examples, batch_size)
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
 
     def eval_fn(stacked_vars, images, labels):
         def body(carry, b):
             i, m = parallel.constrain_batch(data_lib.eval_batch_indices(b, num_examples, batch_size), mesh)
-            x, y = parallel.constrain_batch((data_lib.normalize(images[i], mean, std).astype(dtype), labels[i]), mesh)
+            x, y = parallel.constrain_batch((data_lib.normalize(images[i], mean, std, dtype), labels[i]), mesh)
             logits = map_stacked(lambda v, x: model.apply(v, x, train=False)[0], execution, stacked_vars, x)
             correct = jnp.sum((jnp.argmax(logits, -1) == y[None]) & m[None], axis=1)
             probs = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), -1), axis=0)
@@ -377,8 +369,7 @@ def make_eval_fn(model: nn.Module, execution: str, num_examples: int, batch_size
 
         n_members = jax.tree_util.tree_leaves(stacked_vars)[0].shape[0]
         init = (jnp.zeros((n_members,), jnp.int32), jnp.zeros((), jnp.int32))
-        (correct, ensemble_correct), _ = jax.lax.scan(body, init, jnp.arange(num_batches))
-        return correct, ensemble_correct
+        return jax.lax.scan(body, init, jnp.arange(num_batches))[0]
 
     return eval_fn
 
@@ -387,17 +378,20 @@ def jit_train_step(setup: RunSpec) -> Callable:
     """:func:`make_train_step` jitted over ``setup.mesh``: state, teachers and the epoch permutation replicated, the
     splits placed as ``config.mesh.dataset`` says, the batch sharded along "data" inside the step; only the state's
     buffers are donated."""
-    rep, data = setup.replicated, setup.dataset_sharding
+    rep, data = setup.replicated, parallel.dataset_sharding(setup.mesh, setup.config.mesh.dataset)
     return jax.jit(make_train_step(setup), in_shardings=(rep, rep, data, data, rep), out_shardings=(rep, rep),
                    donate_argnums=(0,))
 
 
-def jit_eval_fn(setup: RunSpec, model: nn.Module, execution: str, num_examples: int, batch_size: int) -> Callable:
+def jit_eval_fn(setup: RunSpec, model: nn.Module, execution: str, num_examples: int) -> Callable:
     """:func:`make_eval_fn` over ``setup.mesh``: variables replicated, test split as placed, batches sharded."""
-    rep, data = setup.replicated, setup.dataset_sharding
-    fn = make_eval_fn(model, execution, num_examples, batch_size, setup.mean, setup.std, jnp.dtype(setup.config.dtype),
-                      mesh=setup.mesh)
-    return jax.jit(fn, in_shardings=(rep, data, data), out_shardings=rep)
+    mesh = setup.mesh
+    rep, data = setup.replicated, parallel.dataset_sharding(mesh, setup.config.mesh.dataset)
+    batch_size = setup.config.eval_batch_size
+    if batch_size > num_examples:  # a small test split: the largest batch it fills that is a multiple of the devices
+        batch_size = max(mesh.size, num_examples - num_examples % mesh.size)
+    return jax.jit(make_eval_fn(model, execution, num_examples, batch_size, setup.mean, setup.std,
+                                jnp.dtype(setup.config.dtype), mesh), in_shardings=(rep, data, data), out_shardings=rep)
 
 
 def abstract_state(setup: RunSpec, rng: jax.Array) -> TrainState:
@@ -552,24 +546,18 @@ class _Run:
     train: tuple[jax.Array, jax.Array]
     test: tuple[jax.Array, jax.Array]
     num_test: int
-    eval_batch: int
 
 
 def _prepare_run(config, ds: data_lib.Dataset, teachers: Teachers | None) -> _Run:
     setup = build_setup(config, ds, teachers)
     mesh = setup.mesh
-    n_test = ds.test_images.shape[0]
-    eval_batch = config.eval_batch_size
-    if eval_batch > n_test:  # a small test split: the largest batch it fills that is a multiple of the devices
-        eval_batch = max(mesh.size, n_test - n_test % mesh.size)
     return _Run(
         setup=setup, train_step=jit_train_step(setup),
-        student_eval=jit_eval_fn(setup, setup.student, setup.replica_execution, n_test, eval_batch),
-        permutation=epoch_permutation_fn(config, setup.num_train, setup.replicated),
+        student_eval=jit_eval_fn(setup, setup.student, setup.replica_execution, ds.num_test),
+        permutation=epoch_permutation_fn(config, ds.num_train, setup.replicated),
         teacher_vars=None if teachers is None else parallel.put_replicated(teachers.variables, mesh),
         train=parallel.put_dataset(ds.train_images, ds.train_labels, mesh, config.mesh.dataset),
-        test=parallel.put_dataset(ds.test_images, ds.test_labels, mesh, config.mesh.dataset),
-        num_test=n_test, eval_batch=eval_batch)
+        test=parallel.put_dataset(ds.test_images, ds.test_labels, mesh, config.mesh.dataset), num_test=ds.num_test)
 
 
 def _test_accuracy(run: _Run, eval_fn: Callable, stacked_vars: Params) -> tuple[list[float], float]:
@@ -582,7 +570,7 @@ def _test_accuracy(run: _Run, eval_fn: Callable, stacked_vars: Params) -> tuple[
 def _evaluate_teachers(run: _Run, teachers: Teachers, log: Callable) -> dict:
     """The teachers' own test accuracy and their ensemble's, once per run."""
     setup = run.setup
-    t_eval = jit_eval_fn(setup, setup.teacher, setup.teacher_execution, run.num_test, run.eval_batch)
+    t_eval = jit_eval_fn(setup, setup.teacher, setup.teacher_execution, run.num_test)
     test_acc, ensemble_acc = _test_accuracy(run, t_eval, run.teacher_vars)
     log(f"teachers ({teachers.model_name} x {setup.num_teachers}): test top-1 {test_acc}, ensemble {ensemble_acc}")
     return {"model": teachers.model_name, "dirs": [str(d) for d in teachers.dirs], "test_acc": test_acc,
@@ -711,7 +699,7 @@ def fit(config: ml_collections.ConfigDict, workdir: pathlib.Path, ds: data_lib.D
     mesh_info = parallel.describe(setup.mesh, config)
     if step == 0:
         log(f"{setup.method.method.name}: {config.student.model} x {setup.num_replicas} on {ds.name} "
-            f"({setup.num_train} train / {run.num_test} test, {setup.data_order} data order), "
+            f"({ds.num_train} train / {ds.num_test} test, {setup.data_order} data order), "
             f"{steps_per_epoch} steps/epoch x {config.num_epochs} epochs; initial compilation...")
     log(f"mesh: {mesh_info['devices']} {mesh_info['platform']} device(s) on axis 'data' "
         f"({mesh_info['processes']} process(es)), {mesh_info['per_device_batch']} examples per device per step, "
