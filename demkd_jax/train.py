@@ -530,8 +530,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if config_lib.is_teacher_ensemble(config):
             return train_teachers(config, workdir, ds)
         teachers = prepare_teachers(config, workdir, ds, log)
-        summary, _ = fit(config, workdir, ds, teachers)
-        return summary
+        return fit(config, workdir, ds, teachers)[0]
 
 
 @dataclasses.dataclass
@@ -596,20 +595,18 @@ def _restore_or_init(run: _Run, workdir: pathlib.Path, checkpointer: ckpt_lib.Tr
     return jax.jit(lambda: init_state(setup, rng), out_shardings=setup.replicated)(), []
 
 
-def _train_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, dict, float]:
+def _train_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, dict, dict]:
     """Runs the steps of ``epoch`` left after ``state.step``; returns the state, the averaged training metrics
-    (``train_*``, ``skipped_steps``) and the images per second."""
+    (``train_*``, ``skipped_steps``, ``lr``) and the timing (``epoch_time_s``, ``img_per_s``)."""
+    from tqdm.auto import tqdm
     setup, config = run.setup, run.setup.config
     step = int(jax.device_get(state.step))
     epoch_end = epoch * setup.steps_per_epoch
-    bar = None
-    if config.progress_bar and parallel.is_primary():
-        from tqdm.auto import tqdm
-        bar = tqdm(total=epoch_end - step, desc=f"epoch {epoch}/{config.num_epochs}", leave=False, dynamic_ncols=True)
+    bar = tqdm(total=epoch_end - step, desc=f"epoch {epoch}/{config.num_epochs}", leave=False, dynamic_ncols=True,
+               disable=not (config.progress_bar and parallel.is_primary()))
     t_epoch, images_seen = time.time(), 0
-    pending: list[dict] = []
-    sums: dict[str, Any] = collections.defaultdict(float)
-    finite_steps = 0  # steps in the averages: a non-finite step (on_nonfinite='skip') is only counted
+    # finite: the metrics of the averaged steps; a non-finite step (on_nonfinite='skip') is only counted in skipped.
+    pending, finite, skipped = [], [], 0
     perm = run.permutation(epoch)
     while step < epoch_end:
         # Everything the step needs is on the device: an implicit host<->device transfer here is a bug.
@@ -618,50 +615,40 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, 
         pending.append(metrics)
         step += 1
         images_seen += config.batch_size
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
         if len(pending) >= config.log_every_steps or step == epoch_end:
-            fetched = jax.device_get(pending)  # the only host sync inside an epoch
+            fetched, pending = jax.device_get(pending), []  # the only host sync inside an epoch
             check_finite(step - len(fetched), fetched, config.on_nonfinite)
-            for m in fetched:
-                if int(m["nonfinite"]):
-                    sums["nonfinite"] += np.asarray(m["nonfinite"], np.float64)
-                    continue
-                finite_steps += 1
-                for k, v in m.items():
-                    sums[k] += np.asarray(v, np.float64)
-            if bar is not None and finite_steps:
-                bar.set_postfix(loss=f"{sums['loss'] / finite_steps:.3f}",
-                                acc=f"{sums['accuracy'] / finite_steps:.1f}",
+            skipped += sum(int(m["nonfinite"]) for m in fetched)
+            finite += [m for m in fetched if not int(m["nonfinite"])]
+            if finite and not bar.disable:
+                bar.set_postfix(loss=f"{np.mean([m['loss'] for m in finite]):.3f}",
+                                acc=f"{np.mean([m['accuracy'] for m in finite]):.1f}",
                                 img_s=f"{images_seen / (time.time() - t_epoch):.0f}")
-            pending = []
-    if bar is not None:
-        bar.close()
-    img_per_s = images_seen / (time.time() - t_epoch)
-    record = {f"train_{k}": np.asarray(v / finite_steps).tolist() for k, v in sums.items()
-              if k not in ("nonfinite", "lr")}
-    record["skipped_steps"] = int(sums.get("nonfinite", 0))
+    bar.close()
+    elapsed = time.time() - t_epoch
+    record = {f"train_{k}": np.asarray(sum(np.asarray(m[k], np.float64) for m in finite) / len(finite)).tolist()
+              for k in (finite[0] if finite else ()) if k not in ("nonfinite", "lr")}
+    record["skipped_steps"] = skipped
     # The rate the optimizer used in the epoch's last step (the schedule only changes between epochs).
     record["lr"] = float(setup.lr_schedule(epoch_end - 1))
-    return state, record, img_per_s
+    return state, record, {"epoch_time_s": round(elapsed, 2), "img_per_s": round(images_seen / elapsed, 1)}
 
 
 def _summary(config, ds: data_lib.Dataset, setup: RunSpec, history: list[dict], t_start: float,
              teacher_summary: dict | None, mesh_info: dict) -> dict:
     final = history[-1] if history else {}
-    per_replica_best = np.max(np.array([r["test_acc_per_replica"] for r in history]), axis=0) if history else []
+    accs = {"final_test_acc": final.get("test_acc_per_replica"),
+            "best_test_acc": np.max([r["test_acc_per_replica"] for r in history], axis=0).tolist() if history else []}
     summary = {
         "method": setup.method.method.name, "student": config.student.model, "dataset": ds.name,
         "replicas": setup.num_replicas, "epochs": config.num_epochs, "data_order": setup.data_order,
         "loss": {"ce_weight": setup.method.ce_weight, "kd_weight": setup.method.kd_weight,
                  "warmup_epochs": setup.method.warmup_epochs, "teacher_reduction": setup.method.reduction,
                  "feature_term": setup.method.feature_term, "nesterov": setup.method.nesterov},
-        "final_test_acc": final.get("test_acc_per_replica"),
-        "best_test_acc": [float(a) for a in per_replica_best],
-        "final_test_acc_mean": float(np.mean(final["test_acc_per_replica"])) if final else None,
-        "final_test_acc_std": float(np.std(final["test_acc_per_replica"])) if final else None,
-        "best_test_acc_mean": float(np.mean(per_replica_best)) if history else None,
-        "best_test_acc_std": float(np.std(per_replica_best)) if history else None,
+        **accs,
+        **{f"{k}_{stat}": float(fn(a)) if history else None  # final_test_acc_mean, ..., best_test_acc_std
+           for k, a in accs.items() for stat, fn in (("mean", np.mean), ("std", np.std))},
         "img_per_s": float(np.median([r["img_per_s"] for r in history])) if history else None,
         "wall_time_s": round(time.time() - t_start, 1),
         "skipped_steps": int(sum(r.get("skipped_steps", 0) for r in history)),  # resumed epochs included
@@ -681,7 +668,6 @@ def fit(config: ml_collections.ConfigDict, workdir: pathlib.Path, ds: data_lib.D
     epoch; writes ``metrics.jsonl`` and ``summary.json``; returns the summary and the final state."""
     t_start = time.time()
     log = parallel.primary_only(print)
-    workdir.mkdir(parents=True, exist_ok=True)
     run = _prepare_run(config, ds, teachers)
     setup = run.setup
     steps_per_epoch = setup.steps_per_epoch
@@ -707,17 +693,14 @@ def fit(config: ml_collections.ConfigDict, workdir: pathlib.Path, ds: data_lib.D
 
     while step < total_steps:
         epoch = step // steps_per_epoch + 1
-        t_epoch = time.time()
-        state, train_record, img_per_s = _train_epoch(run, state, epoch)
+        state, train_record, timing = _train_epoch(run, state, epoch)
         step = epoch * steps_per_epoch
-        epoch_time = time.time() - t_epoch
         epoch_acc, ensemble_acc = _test_accuracy(
             run, run.student_eval, {"params": state.params["student"], "batch_stats": state.batch_stats["student"]})
         acc = float(np.mean(epoch_acc))
         best = max(best, acc)
-        record = {"epoch": epoch, "step": step, **train_record,
-                  "test_acc": acc, "test_acc_per_replica": epoch_acc, "best_test_acc": best,
-                  "epoch_time_s": round(epoch_time, 2), "img_per_s": round(img_per_s, 1)}
+        record = {"epoch": epoch, "step": step, **train_record, "test_acc": acc, "test_acc_per_replica": epoch_acc,
+                  "best_test_acc": best, **timing}
         if setup.num_replicas > 1 and setup.method.method.teachers == "none":
             record["ensemble_test_acc"] = ensemble_acc
         metrics_log.write(record)
