@@ -404,10 +404,9 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     """The teacher-ensemble run that a distillation config implies when it names no checkpoints."""
     teachers = config.teachers
     teacher_run = ml_collections.ConfigDict(config.to_dict())
-    teacher_run.update(ensemble_size=teachers.num, num_seeds=1, data_order="auto", seed=config.seed + 1000)
-    teacher_run.distill.method = "ce"
-    teacher_run.student.update(model=teachers.model, width=teachers.width, winograd=teachers.winograd)
-    teacher_run.teachers.checkpoints = ()
+    teacher_run.update(ensemble_size=teachers.num, num_seeds=1, data_order="auto", seed=config.seed + 1000,
+                       distill={"method": "ce"}, teachers={"checkpoints": ()},
+                       student={"model": teachers.model, "width": teachers.width, "winograd": teachers.winograd})
     if teachers.num_epochs > 0:
         teacher_run.num_epochs = teachers.num_epochs
     if teachers.learning_rate > 0:
@@ -431,11 +430,22 @@ class Teachers:
 
 
 def train_teachers(config: ml_collections.ConfigDict, workdir: pathlib.Path, ds: data_lib.Dataset) -> dict:
-    """The teacher phase: trains ``config.ensemble_size`` models with CE in one step, exports each as a teacher;
-    resumable like any run. Returns its summary (with ``teacher_dirs``)."""
+    """The teacher phase: trains ``config.ensemble_size`` models with CE in one step, writes each as a teacher
+    checkpoint ``<workdir>/teacher_<k>``; resumable like any run. Returns its summary (with ``teacher_dirs``)."""
     validation.validate(config, workdir=str(workdir))
     summary, state = fit(config, workdir, ds, None)
-    summary["teacher_dirs"] = [str(d) for d in export_teachers(config, workdir, ds, state, summary)]
+    dirs = teacher_dirs(workdir, config_lib.num_replicas(config))
+    # Every process calls Orbax (it writes once, from process 0); the barrier keeps the other processes from
+    # reading teacher.json before process 0 wrote it.
+    students = jax.device_get({"params": state.params["student"], "batch_stats": state.batch_stats["student"]})
+    for k, d in enumerate(dirs):
+        ckpt_lib.save_teacher(d, jax.tree_util.tree_map(lambda a: a[k], students), model_name=config.student.model,
+                              num_classes=ds.num_classes, width=config.student.width,
+                              metadata={"test_acc": summary["final_test_acc"][k], "dataset": ds.name,
+                                        "epochs": config.num_epochs, "seed": config.seed, "member": k,
+                                        "data_order": summary["data_order"]})
+    parallel.sync("demkd_jax: teachers exported")
+    summary["teacher_dirs"] = [str(d) for d in dirs]
     if parallel.is_primary():
         ckpt_lib.write_json_atomic(workdir / "summary.json", summary)
     return summary
@@ -457,33 +467,14 @@ def prepare_teachers(config, workdir: pathlib.Path | None, ds: data_lib.Dataset,
             t_config = teacher_config(config)
             with workdir_lib.claimed(t_workdir, t_config, lock=parallel.is_primary(), log=log):
                 train_teachers(t_config, t_workdir, ds)
-    loaded = [ckpt_lib.load_teacher(d, model_name=config.teachers.model or None, num_classes=ds.num_classes)
-              for d in dirs]
-    metas = [m for _, m in loaded]
+    members, metas = zip(*[ckpt_lib.load_teacher(d, model_name=config.teachers.model or None,
+                                                 num_classes=ds.num_classes) for d in dirs])
     ckpt_lib.require_one_architecture(dirs, metas)
-    variables = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[v for v, _ in loaded])
+    variables = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *members)
     if config.teachers.fold_bn:
         variables = jax.vmap(models.fold_batchnorm)(variables)
     return Teachers(metas[0]["model"], float(metas[0].get("width", 1.0)), variables, tuple(dirs),
                     bool(config.teachers.fold_bn))
-
-
-def export_teachers(config, workdir: pathlib.Path, ds: data_lib.Dataset, state: TrainState,
-                    summary: dict) -> list[pathlib.Path]:
-    """Writes every member of a trained ensemble as a teacher checkpoint ``<workdir>/teacher_<k>``."""
-    dirs = teacher_dirs(workdir, config_lib.num_replicas(config))
-    # Every process calls Orbax (it writes once, from process 0); the barrier keeps the other processes from
-    # reading teacher.json before process 0 wrote it.
-    host_state = jax.device_get(state)
-    students = {"params": host_state.params["student"], "batch_stats": host_state.batch_stats["student"]}
-    for k, d in enumerate(dirs):
-        ckpt_lib.save_teacher(d, jax.tree_util.tree_map(lambda a: a[k], students), model_name=config.student.model,
-                              num_classes=ds.num_classes, width=config.student.width,
-                              metadata={"test_acc": summary["final_test_acc"][k], "dataset": ds.name,
-                                        "epochs": config.num_epochs, "seed": config.seed, "member": k,
-                                        "data_order": summary["data_order"]})
-    parallel.sync("demkd_jax: teachers exported")
-    return dirs
 
 
 class NonFiniteError(FloatingPointError):
