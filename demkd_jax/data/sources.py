@@ -60,10 +60,8 @@ def tfds_dataset_dir(name: str, data_dir: str | None) -> str:
 
     try:
         return os.fspath(tfds.builder(name, data_dir=data_dir).data_dir)
-    except Exception as e:  # tfds raises its own DatasetNotFoundError for unknown names
-        if type(e).__name__ == "DatasetNotFoundError":
-            raise DataConfigError(f"unknown tfds dataset name '{name}' ({reason(e)})") from e
-        raise
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DataConfigError(f"unknown tfds dataset name '{name}' ({reason(e)})") from e
 
 
 def tfds_prepared(name: str, data_dir: str | None) -> bool:
@@ -100,16 +98,13 @@ def _open_tfds_split(name: str, split: str, data_dir: str | None) -> Any:
 
 def _read_records(source: Sequence[Any], chunk: int = 1024) -> Iterator[dict[str, Any]]:
     """The records of a tfds data source, ``chunk`` at a time through ``__getitems__`` where it works."""
-    getitems = getattr(source, "__getitems__", None)
     for start in range(0, len(source), chunk):
-        indices = list(range(start, min(len(source), start + chunk)))
-        records = None
-        if getitems is not None:
-            try:
-                records = getitems(indices)
-            except TypeError:  # tfds.testing.mock_data's data source implements only __getitem__
-                getitems = None
-        yield from records if records is not None else (source[i] for i in indices)
+        indices = range(start, min(len(source), start + chunk))
+        try:
+            records = source.__getitems__(list(indices))
+        except (AttributeError, TypeError):  # tfds.testing.mock_data's data source has only a working __getitem__
+            records = [source[i] for i in indices]
+        yield from records
 
 
 def read_tfds(name: str, data_dir: str | None) -> RawData:
@@ -142,14 +137,12 @@ def read_tfds(name: str, data_dir: str | None) -> RawData:
 
 # --------------------------------------------------------------------------------------------- pickle
 
-# (module, name) pairs an official CIFAR pickle needs (numpy arrays, bytes from protocol-2 pickles).
+# (module, name) pairs an official CIFAR pickle needs (numpy arrays, bytes from protocol-2 pickles); pickles
+# written by numpy 2 spell numpy.core as numpy._core.
 _PICKLE_ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("_codecs", "encode"),
@@ -158,7 +151,7 @@ _PICKLE_ALLOWED = {
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _PICKLE_ALLOWED:
+        if (module.replace("numpy._core.", "numpy.core.", 1), name) not in _PICKLE_ALLOWED:
             raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR pickle")
         if module.startswith("numpy.core.") and hasattr(np, "_core"):
             module = "numpy._core." + module[len("numpy.core.") :]  # numpy 2 renamed numpy.core
@@ -449,7 +442,7 @@ def _read_npz_file(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def read_npz(path: pathlib.Path, num_classes: int) -> RawData:
-    """``*train*.npz`` and ``*test*.npz`` from directory ``path`` (see module docstring)."""
+    """``*train*.npz`` and ``*test*.npz`` from directory ``path`` (format: docs/data.md)."""
     if not path.is_dir():
         raise DataConfigError(
             f"data.path {path} for source 'npz' must be a directory holding *train*.npz and *test*.npz"
@@ -457,13 +450,12 @@ def read_npz(path: pathlib.Path, num_classes: int) -> RawData:
     train_file, test_file = _npz_file(path, "train"), _npz_file(path, "test")
     x_train, y_train, names_arr = _read_npz_file(train_file)
     x_test, y_test, _ = _read_npz_file(test_file)
-    names: tuple[str, ...] | None = None
     names_file = next((path / fn for fn in NPZ_NAME_FILES if (path / fn).is_file()), None)
     if names_file is not None:
         names = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
     elif names_arr is not None:
         names = tuple(str(n) for n in names_arr.tolist())
-    if names is None:
+    else:
         k = num_classes
         if k <= 0:
             ys = [y for y in (y_train, y_test) if np.issubdtype(np.asarray(y).dtype, np.integer) and np.size(y)]
@@ -496,7 +488,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
 
 
 def read_digits(image_size: int, test_fraction: float, seed: int) -> RawData:
-    """The 8x8 digits as ``image_size`` RGB uint8 images, split stratified (see module docstring).
+    """The 8x8 digits as ``image_size`` RGB uint8 images, split stratified (docs/data.md).
 
     Upsampling replicates each pixel ``image_size // 8`` times (nearest neighbour at an integer factor):
     lossless and exactly invertible, so every image is the original data at a convolution-friendly size,
@@ -512,11 +504,10 @@ def read_digits(image_size: int, test_fraction: float, seed: int) -> RawData:
     grey = np.asarray(bunch.images)
     if grey.min() < 0 or grey.max() > 16 or not np.array_equal(grey, np.round(grey)):
         raise DataFormatError("scikit-learn digits: expected integer pixel values in 0..16")
-    grey = grey.astype(np.int64)
-    u8 = ((grey * 255 + 8) // 16).astype(np.uint8)  # 0 -> 0, 16 -> 255, round half up
+    u8 = ((grey.astype(np.int64) * 255 + 8) // 16).astype(np.uint8)  # 0 -> 0, 16 -> 255, round half up
     factor = image_size // 8
     u8 = np.repeat(np.repeat(u8, factor, axis=1), factor, axis=2)
-    rgb = np.ascontiguousarray(np.repeat(u8[..., None], 3, axis=-1))
+    rgb = np.repeat(u8[..., None], 3, axis=-1)
     labels = np.asarray(bunch.target, np.int64)
     train, test = stratified_split(labels, test_fraction, seed)
     return RawData(rgb[train], labels[train], rgb[test], labels[test], tuple(str(i) for i in range(10)))
