@@ -26,10 +26,9 @@ _ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> pathlib.Path:
     """``cache_dir``; if empty ``$DEMKD_CACHE_DIR``, else ``$XDG_CACHE_HOME/demkd_jax``, else ``~/.cache/demkd_jax``."""
+    cache_dir = cache_dir or os.environ.get("DEMKD_CACHE_DIR")
     if cache_dir:
         return pathlib.Path(cache_dir).expanduser()
-    if os.environ.get("DEMKD_CACHE_DIR"):
-        return pathlib.Path(os.environ["DEMKD_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
     return pathlib.Path(base).expanduser() / "demkd_jax"
 

@@ -104,13 +104,9 @@ class Dataset:
     def num_test(self) -> int:
         return int(self.test_images.shape[0])
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(int(d) for d in self.train_images.shape[1:])  # type: ignore[return-value]
-
     def summary(self) -> str:
         """One line describing the dataset (for logs)."""
-        h, w, c = self.image_shape
+        h, w, c = self.train_images.shape[1:]
         return (
             f"{self.name} ({self.source}): {self.num_train} train / {self.num_test} test images "
             f"{h}x{w}x{c}, {self.num_classes} classes, mean {[round(float(v), 4) for v in self.mean]} "
@@ -121,14 +117,13 @@ class Dataset:
         return f"Dataset({self.summary()})"
 
 
-def validate_split(images: np.ndarray, labels: np.ndarray, *, split: str, origin: str, num_classes: int,
+def validate_split(images: np.ndarray, labels: np.ndarray, where: str, num_classes: int,
                    image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Checks one split (uint8 ``[N, H, W, 3]`` images, integer ``[N]`` labels in ``[0, num_classes)``).
 
-    Returns ``(images, labels)`` with labels as int32 (values unchanged). ``split`` and ``origin`` (a path or a
-    name) are for messages; ``image_size`` is the expected H = W, or a value <= 0 to accept any size.
+    Returns ``(images, labels)`` with labels as int32 (values unchanged). ``where`` names the split in messages;
+    ``image_size`` is the expected H = W, or a value <= 0 to accept any size.
     """
-    where = f"{origin} [{split}]"
     if not isinstance(images, np.ndarray):
         raise DataFormatError(f"{where}: images must be a numpy array, got {type(images).__name__}")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -168,11 +163,8 @@ def validate_raw(raw: RawData, *, origin: str, num_classes: int, image_size: int
         raise DataFormatError(
             f"{origin}: the data has {len(names)} classes ({preview}) but data.num_classes={num_classes}"
         )
-    k = len(names)
-    train = validate_split(raw.train_images, raw.train_labels, split="train", origin=origin, num_classes=k,
-                           image_size=image_size)
-    test = validate_split(raw.test_images, raw.test_labels, split="test", origin=origin, num_classes=k,
-                          image_size=image_size)
+    train = validate_split(raw.train_images, raw.train_labels, f"{origin} [train]", len(names), image_size)
+    test = validate_split(raw.test_images, raw.test_labels, f"{origin} [test]", len(names), image_size)
     if train[0].shape[1:] != test[0].shape[1:]:
         raise DataFormatError(
             f"{origin}: train images are {list(train[0].shape[1:])} but test images are {list(test[0].shape[1:])}"

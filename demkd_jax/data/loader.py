@@ -46,7 +46,7 @@ def _plan_tfds(cfg: ml_collections.ConfigDict) -> _Plan:
     data_dir = str(cfg.tfds_data_dir) or None
     variant_dir = sources.tfds_dataset_dir(cfg.name, data_dir)
     if cfg.name in download.OFFICIAL_ARCHIVES and not sources.tfds_prepared(cfg.name, data_dir):
-        archive = _official_archive(cfg)[0]
+        archive = cache.resolve_cache_dir(cfg.cache_dir) / download.OFFICIAL_ARCHIVES[cfg.name][0]
         if cfg.download or archive.is_file():
             logging.info("tfds dataset '%s' is not prepared in %s; reading the official archive %s instead",
                          cfg.name, variant_dir, archive)
@@ -55,20 +55,14 @@ def _plan_tfds(cfg: ml_collections.ConfigDict) -> _Plan:
                       origin=f"tfds:{cfg.name} ({variant_dir})")
 
 
-def _official_archive(cfg: ml_collections.ConfigDict) -> tuple[pathlib.Path, str, str, str]:
-    """``(path in the cache directory, URL, MD5, how to place it by hand)`` of ``cfg.name``'s official archive."""
+def _plan_official_archive(cfg: ml_collections.ConfigDict) -> _Plan:
+    """The official python-pickle archive in the cache directory, downloaded on first read when absent."""
     file_name, official_url, official_md5 = download.OFFICIAL_ARCHIVES[cfg.name]
     archive = cache.resolve_cache_dir(cfg.cache_dir) / file_name
     url = str(cfg.download_url) or official_url
     md5 = (str(cfg.download_md5) or official_md5).lower()
     hint = (f"without a network place {file_name} (MD5 {md5}, from {url}) at {archive}, or set "
             f"data.source='pickle' and data.path to a copy of it")
-    return archive, url, md5, hint
-
-
-def _plan_official_archive(cfg: ml_collections.ConfigDict) -> _Plan:
-    """The official python-pickle archive in the cache directory, downloaded on first read when absent."""
-    archive, url, md5, hint = _official_archive(cfg)
     return _Plan(
         read=lambda: sources.read_pickle(download.fetch_archive(url, archive, md5, placement_hint=hint), cfg.name),
         # The archive is verified against this MD5 before it is read, so the MD5 identifies the data: a cache

@@ -4,12 +4,13 @@ docs/data.md). Each returns a :class:`RawData` (both splits, class names).
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import importlib
 import importlib.util
 import io
+import itertools
 import lzma
+import multiprocessing
 import os
 import pathlib
 import pickle
@@ -32,13 +33,13 @@ SPLITS = ("train", "test")
 _ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error, zipfile.BadZipFile)
 
 
-def _read_tar(path: pathlib.Path, keep: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
-    """``(member name, bytes)`` of the archive's regular files whose name ``keep`` accepts, in archive order."""
+def _read_tar(path: pathlib.Path, select: Callable[[str], Any]) -> Iterator[tuple[Any, bytes]]:
+    """``(select(member name), bytes)`` of the archive's regular files, in archive order, where that is not None."""
     try:
         with tarfile.open(path) as tar:
             for member in tar:
-                if member.isfile() and keep(member.name):
-                    yield member.name, tar.extractfile(member).read()  # type: ignore[union-attr]
+                if member.isfile() and (selected := select(member.name)) is not None:
+                    yield selected, tar.extractfile(member).read()  # type: ignore[union-attr]
     except _ARCHIVE_ERRORS as e:
         raise DataFormatError(f"{path} is not a readable tar archive ({reason(e)})") from e
 
@@ -59,10 +60,8 @@ def tfds_dataset_dir(name: str, data_dir: str | None) -> str:
 
     try:
         return os.fspath(tfds.builder(name, data_dir=data_dir).data_dir)
-    except Exception as e:  # tfds raises its own DatasetNotFoundError for unknown names
-        if type(e).__name__ == "DatasetNotFoundError":
-            raise DataConfigError(f"unknown tfds dataset name '{name}' ({reason(e)})") from e
-        raise
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DataConfigError(f"unknown tfds dataset name '{name}' ({reason(e)})") from e
 
 
 def tfds_prepared(name: str, data_dir: str | None) -> bool:
@@ -99,16 +98,13 @@ def _open_tfds_split(name: str, split: str, data_dir: str | None) -> Any:
 
 def _read_records(source: Sequence[Any], chunk: int = 1024) -> Iterator[dict[str, Any]]:
     """The records of a tfds data source, ``chunk`` at a time through ``__getitems__`` where it works."""
-    getitems = getattr(source, "__getitems__", None)
     for start in range(0, len(source), chunk):
-        indices = list(range(start, min(len(source), start + chunk)))
-        records = None
-        if getitems is not None:
-            try:
-                records = getitems(indices)
-            except TypeError:  # tfds.testing.mock_data's data source implements only __getitem__
-                getitems = None
-        yield from records if records is not None else (source[i] for i in indices)
+        indices = range(start, min(len(source), start + chunk))
+        try:
+            records = source.__getitems__(list(indices))
+        except (AttributeError, TypeError):  # tfds.testing.mock_data's data source has only a working __getitem__
+            records = [source[i] for i in indices]
+        yield from records
 
 
 def read_tfds(name: str, data_dir: str | None) -> RawData:
@@ -141,14 +137,12 @@ def read_tfds(name: str, data_dir: str | None) -> RawData:
 
 # --------------------------------------------------------------------------------------------- pickle
 
-# (module, name) pairs an official CIFAR pickle needs (numpy arrays, bytes from protocol-2 pickles).
+# (module, name) pairs an official CIFAR pickle needs (numpy arrays, bytes from protocol-2 pickles); pickles
+# written by numpy 2 spell numpy.core as numpy._core.
 _PICKLE_ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("_codecs", "encode"),
@@ -157,7 +151,7 @@ _PICKLE_ALLOWED = {
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _PICKLE_ALLOWED:
+        if (module.replace("numpy._core.", "numpy.core.", 1), name) not in _PICKLE_ALLOWED:
             raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR pickle")
         if module.startswith("numpy.core.") and hasattr(np, "_core"):
             module = "numpy._core." + module[len("numpy.core.") :]  # numpy 2 renamed numpy.core
@@ -213,8 +207,7 @@ def _pickle_files(path: pathlib.Path) -> dict[str, bytes]:
     if path.is_dir():
         return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")}
     files: dict[str, bytes] = {}
-    for name, data in _read_tar(path, lambda _: True):
-        base = name.rsplit("/", 1)[-1]
+    for base, data in _read_tar(path, lambda name: name.rsplit("/", 1)[-1]):
         if base in files:
             raise DataFormatError(f"{path}: the archive holds '{base}' twice")
         files[base] = data
@@ -264,112 +257,50 @@ def read_pickle(path: pathlib.Path, name: str) -> RawData:
 
 
 # --------------------------------------------------------------------------------------------- folder
-def _default_workers(num_workers: int) -> int:
-    if num_workers >= 0:
-        return num_workers
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return min(cpus, 8)
-
-
-def _decode_chunk(items: Sequence[tuple[str, bytes | None]]) -> np.ndarray:
-    """Decodes ``(origin, bytes or None to read origin)`` pairs to one uint8 [n, H, W, 3] array."""
+def _decode_chunk(items: Iterable[tuple[str, bytes | None]]) -> list[np.ndarray]:
+    """``(origin, bytes or None to read origin)`` pairs decoded to uint8 [H, W, 3] RGB arrays."""
     from PIL import Image  # pylint: disable=g-import-not-at-top
 
-    out: np.ndarray | None = None
-    for i, (origin, data) in enumerate(items):
+    images = []
+    for origin, data in items:
         try:
             with Image.open(io.BytesIO(data) if data is not None else origin) as im:
-                arr = np.asarray(im.convert("RGB"))
+                images.append(np.asarray(im.convert("RGB")))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise DataFormatError(f"cannot decode image {origin} ({reason(e)})") from e
-        if out is None:
-            out = np.empty((len(items), *arr.shape), np.uint8)
-        elif arr.shape != out.shape[1:]:
-            raise DataFormatError(
-                f"image {origin} is {arr.shape[0]}x{arr.shape[1]} but {items[0][0]} is "
-                f"{out.shape[1]}x{out.shape[2]} (images are never resized; all must have one size)"
-            )
-        out[i] = arr
-    assert out is not None
-    return out
+    return images
 
 
-class _Decoder:
-    """Decodes images in chunks, in input order: in this process, or on ``num_workers`` processes.
+def _decode(items: Iterable[tuple[str, bytes | None]], num_workers: int, chunk: int = 1000) -> list[np.ndarray]:
+    """Decodes the images in order: here, or in chunks on ``num_workers`` processes (-1: one per CPU, at most 8).
 
     Decoding a 32x32 JPEG is mostly Pillow's Python-level header parsing, so threads do not help (measured:
     no gain); processes do. They are started with "spawn" (never "fork": JAX's threads may already run
     here), which re-imports the calling script's ``__main__`` module in each worker, so a script that
     sets ``num_workers > 0`` must keep its work under ``if __name__ == "__main__":`` (as absl's
-    ``app.run`` scripts do). If the pool breaks anyway, the chunks are decoded here, with a warning.
+    ``app.run`` scripts do). If the pool breaks anyway, the images are decoded here, with a warning.
+    ``Executor.map`` submits each chunk as soon as ``items`` yields it, so reading an archive overlaps decoding.
     """
-
-    def __init__(self, num_workers: int, chunk: int = 1000):
-        self._pool = None
-        if num_workers > 0:
-            import multiprocessing  # pylint: disable=g-import-not-at-top
-
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                num_workers, mp_context=multiprocessing.get_context("spawn")
-            )
-        self._chunk = chunk
-        self._pending: list[tuple[str, bytes | None]] = []
-        # (items, Future) while a worker decodes the items; (None, array) once decoded in this process.
-        self._chunks: list[tuple[list[tuple[str, bytes | None]] | None, Any]] = []
-        self._warned = False
-        self.keys: list[tuple[str, str, str]] = []  # (split, class, file name) per image
-
-    def add(self, key: tuple[str, str, str], origin: str, data: bytes | None) -> None:
-        self.keys.append(key)
-        self._pending.append((origin, data))
-        if len(self._pending) >= self._chunk:
-            self._flush()
-
-    def _flush(self) -> None:
-        items, self._pending = self._pending, []
-        if not items:
-            return
-        if self._pool is None:
-            self._chunks.append((None, _decode_chunk(items)))
-            return
-        try:
-            self._chunks.append((items, self._pool.submit(_decode_chunk, items)))
-        except concurrent.futures.BrokenExecutor as e:
-            self._chunks.append((None, self._decode_here(items, e)))
-
-    def _decode_here(self, items: list[tuple[str, bytes | None]], error: Exception) -> np.ndarray:
-        if not self._warned:
-            logging.warning("image-decoding worker processes failed (%s); decoding in this process", error)
-            self._warned = True
+    if num_workers < 0:
+        num_workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    if num_workers == 0:
         return _decode_chunk(items)
+    items = iter(items)
+    seen: list[tuple[str, bytes | None]] = []  # what was handed to the pool, to decode here if it breaks
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
+    def chunks() -> Iterator[list[tuple[str, bytes | None]]]:
+        while batch := list(itertools.islice(items, chunk)):
+            seen.extend(batch)
+            yield batch
 
-    def finish(self) -> np.ndarray:
-        """All decoded images, in the order they were added."""
-        self._flush()
-        arrays = []
-        for items, result in self._chunks:
-            if items is not None:
-                try:
-                    result = result.result()
-                except concurrent.futures.BrokenExecutor as e:
-                    result = self._decode_here(items, e)
-            arrays.append(result)
-        offset = 0
-        for a in arrays:  # each chunk has one size (_decode_chunk); do the chunks agree?
-            if a.shape[1:] != arrays[0].shape[1:]:
-                raise DataFormatError(
-                    f"image {'/'.join(self.keys[offset])} is {a.shape[1]}x{a.shape[2]} but {'/'.join(self.keys[0])} "
-                    f"is {arrays[0].shape[1]}x{arrays[0].shape[2]} (images are never resized; all must have one size)"
-                )
-            offset += a.shape[0]
-        return np.concatenate(arrays) if arrays else np.zeros((0, 0, 0, 3), np.uint8)
+    pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        return [image for decoded in pool.map(_decode_chunk, chunks()) for image in decoded]
+    except concurrent.futures.BrokenExecutor as e:
+        logging.warning("image-decoding worker processes failed (%s); decoding in this process", e)
+        return _decode_chunk(itertools.chain(seen, items))
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def _is_image_name(fn: str) -> bool:
@@ -390,9 +321,9 @@ def _folder_root(path: pathlib.Path) -> pathlib.Path:
     raise DataFormatError(f"image folder {path} holds several trees {[d.name for d in inner]}; point data.path at one")
 
 
-def _walk_folder(root: pathlib.Path, decoder: _Decoder) -> list[str]:
-    """Adds every image of the tree to ``decoder``; returns the train class directories without images."""
-    empty = []
+def _list_folder(root: pathlib.Path) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """``(split, class, file name)`` of every image of the tree, and the train class directories without images."""
+    keys, empty = [], []
     for split in SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
@@ -401,9 +332,8 @@ def _walk_folder(root: pathlib.Path, decoder: _Decoder) -> list[str]:
             names = [fn for fn in sorted(os.listdir(class_dir)) if _is_image_name(fn)]
             if not names and split == "train":
                 empty.append(class_dir.name)
-            for fn in names:
-                decoder.add((split, class_dir.name, fn), str(class_dir / fn), None)
-    return empty
+            keys += [(split, class_dir.name, fn) for fn in names]
+    return keys, empty
 
 
 _TAR_MEMBER = re.compile(r"^(?:(.*)/)?(train|test)/([^/]+)/([^/]+)$")
@@ -411,49 +341,51 @@ _TAR_MEMBER = re.compile(r"^(?:(.*)/)?(train|test)/([^/]+)/([^/]+)$")
 
 def _tar_image(member_name: str) -> re.Match | None:
     """The ``(root, split, class, file)`` match of an image member of an image-folder tar, or None."""
-    m = _TAR_MEMBER.match(member_name[2:] if member_name.startswith("./") else member_name)
+    m = _TAR_MEMBER.match(member_name.removeprefix("./"))
     return m if m and _is_image_name(m.group(4)) and "__MACOSX" not in member_name else None
 
 
-def _walk_tar(path: pathlib.Path, decoder: _Decoder) -> None:
+def _walk_tar(path: pathlib.Path, keys: list[tuple[str, str, str]]) -> Iterator[tuple[str, bytes]]:
+    """``(origin, bytes)`` of the archive's images, appending each one's ``(split, class, file name)`` to ``keys``."""
     prefix: str | None = None
-    for member_name, data in _read_tar(path, lambda name: _tar_image(name) is not None):
-        m = _tar_image(member_name)
+    for m, data in _read_tar(path, _tar_image):
         top = m.group(1) or ""
-        if prefix is None:
-            prefix = top
-        elif top != prefix:
+        prefix = top if prefix is None else prefix
+        if top != prefix:
             raise DataFormatError(
                 f"{path} holds several image-folder trees ('{prefix or '.'}' and '{top or '.'}'); "
                 f"expected one <root>/{{train,test}}/<class>/<image>"
             )
-        decoder.add((m.group(2), m.group(3), m.group(4)), f"{path}:{m.string}", data)
+        keys.append(m.group(2, 3, 4))
+        yield f"{path}:{m.string}", data
 
 
 def read_folder(path: pathlib.Path, num_workers: int = 0) -> RawData:
     """An image-folder tree (or a tar archive of one) at ``path``; ``num_workers`` decoding processes."""
-    if path.is_file() and not path.name.lower().endswith(TAR_SUFFIXES):
-        raise DataConfigError(
-            f"{path} is a file but not a tar archive ({', '.join(TAR_SUFFIXES)}); data.path for "
-            f"source 'folder' is a directory root/{{train,test}}/<class>/ or a tar archive of one"
-        )
-    decoder = _Decoder(_default_workers(num_workers))
+    keys: list[tuple[str, str, str]] = []  # (split, class, file name) per image, in decoding order
     empty_classes: list[str] = []
-    try:
-        if path.is_file():
-            where = str(path)
-            _walk_tar(path, decoder)
-        else:
-            root = _folder_root(path)
-            where = str(root)
-            empty_classes = _walk_folder(root, decoder)
-        images = decoder.finish()
-    finally:
-        decoder.close()
-    keys = decoder.keys
+    if path.is_file():
+        if not path.name.lower().endswith(TAR_SUFFIXES):
+            raise DataConfigError(
+                f"{path} is a file but not a tar archive ({', '.join(TAR_SUFFIXES)}); data.path for "
+                f"source 'folder' is a directory root/{{train,test}}/<class>/ or a tar archive of one"
+            )
+        where, items = str(path), _walk_tar(path, keys)
+    else:
+        root = _folder_root(path)
+        keys, empty_classes = _list_folder(root)
+        where, items = str(root), ((str(root.joinpath(*key)), None) for key in keys)
+    images = _decode(items, num_workers)
+    for key, image in zip(keys, images):
+        if image.shape != images[0].shape:
+            raise DataFormatError(
+                f"image {'/'.join(key)} in {where} is {image.shape[0]}x{image.shape[1]} but {'/'.join(keys[0])} is "
+                f"{images[0].shape[0]}x{images[0].shape[1]} (images are never resized; all must have one size)"
+            )
 
-    by_split = {s: [i for i, k in enumerate(keys) if k[0] == s] for s in SPLITS}
-    if not by_split["train"]:
+    # Class-alphabetical, then file-name order, however the archive happened to be ordered.
+    order = {s: sorted((i for i, k in enumerate(keys) if k[0] == s), key=lambda i: keys[i][1:]) for s in SPLITS}
+    if not order["train"]:
         raise DataNotFoundError(
             f"image folder {where} has no images under train/ (expected train/<class>/*.png|jpg|jpeg)"
         )
@@ -462,22 +394,20 @@ def read_folder(path: pathlib.Path, num_workers: int = 0) -> RawData:
             f"image folder {where}: train/ class folder(s) {empty_classes} have no images (a class without "
             f"training images would silently shift every later label)"
         )
-    if not by_split["test"]:
+    if not order["test"]:
         raise DataNotFoundError(f"image folder {where} has no test split (expected test/<class>/*.png|jpg|jpeg)")
-    class_names = tuple(sorted({keys[i][1] for i in by_split["train"]}))
-    index = {c: i for i, c in enumerate(class_names)}
-    extra = sorted({keys[i][1] for i in by_split["test"]} - set(class_names))
+    class_names = tuple(sorted({keys[i][1] for i in order["train"]}))
+    extra = sorted({keys[i][1] for i in order["test"]} - set(class_names))
     if extra:
         raise DataFormatError(f"image folder {where}: test/ has classes with no train images: {extra}")
-
+    index = {c: i for i, c in enumerate(class_names)}
     out = []
     for split in SPLITS:
-        # Class-alphabetical, then file-name order, however the archive happened to be ordered.
-        order = sorted(by_split[split], key=lambda i: (keys[i][1], keys[i][2]))
-        out += [images[order], np.asarray([index[keys[i][1]] for i in order], np.int64)]
-    counts = collections.Counter(keys[i][1] for i in by_split["train"])
+        out += [np.stack([images[i] for i in order[split]]),
+                np.asarray([index[keys[i][1]] for i in order[split]], np.int64)]
+    counts = np.bincount(out[1])
     logging.info("image folder %s: %d classes, %d-%d train images per class", where, len(class_names),
-                 min(counts.values()), max(counts.values()))
+                 counts.min(), counts.max())
     return RawData(*out, class_names)
 
 
@@ -512,7 +442,7 @@ def _read_npz_file(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def read_npz(path: pathlib.Path, num_classes: int) -> RawData:
-    """``*train*.npz`` and ``*test*.npz`` from directory ``path`` (see module docstring)."""
+    """``*train*.npz`` and ``*test*.npz`` from directory ``path`` (format: docs/data.md)."""
     if not path.is_dir():
         raise DataConfigError(
             f"data.path {path} for source 'npz' must be a directory holding *train*.npz and *test*.npz"
@@ -520,13 +450,12 @@ def read_npz(path: pathlib.Path, num_classes: int) -> RawData:
     train_file, test_file = _npz_file(path, "train"), _npz_file(path, "test")
     x_train, y_train, names_arr = _read_npz_file(train_file)
     x_test, y_test, _ = _read_npz_file(test_file)
-    names: tuple[str, ...] | None = None
     names_file = next((path / fn for fn in NPZ_NAME_FILES if (path / fn).is_file()), None)
     if names_file is not None:
         names = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
     elif names_arr is not None:
         names = tuple(str(n) for n in names_arr.tolist())
-    if names is None:
+    else:
         k = num_classes
         if k <= 0:
             ys = [y for y in (y_train, y_test) if np.issubdtype(np.asarray(y).dtype, np.integer) and np.size(y)]
@@ -559,7 +488,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
 
 
 def read_digits(image_size: int, test_fraction: float, seed: int) -> RawData:
-    """The 8x8 digits as ``image_size`` RGB uint8 images, split stratified (see module docstring).
+    """The 8x8 digits as ``image_size`` RGB uint8 images, split stratified (docs/data.md).
 
     Upsampling replicates each pixel ``image_size // 8`` times (nearest neighbour at an integer factor):
     lossless and exactly invertible, so every image is the original data at a convolution-friendly size,
@@ -575,11 +504,10 @@ def read_digits(image_size: int, test_fraction: float, seed: int) -> RawData:
     grey = np.asarray(bunch.images)
     if grey.min() < 0 or grey.max() > 16 or not np.array_equal(grey, np.round(grey)):
         raise DataFormatError("scikit-learn digits: expected integer pixel values in 0..16")
-    grey = grey.astype(np.int64)
-    u8 = ((grey * 255 + 8) // 16).astype(np.uint8)  # 0 -> 0, 16 -> 255, round half up
+    u8 = ((grey.astype(np.int64) * 255 + 8) // 16).astype(np.uint8)  # 0 -> 0, 16 -> 255, round half up
     factor = image_size // 8
     u8 = np.repeat(np.repeat(u8, factor, axis=1), factor, axis=2)
-    rgb = np.ascontiguousarray(np.repeat(u8[..., None], 3, axis=-1))
+    rgb = np.repeat(u8[..., None], 3, axis=-1)
     labels = np.asarray(bunch.target, np.int64)
     train, test = stratified_split(labels, test_fraction, seed)
     return RawData(rgb[train], labels[train], rgb[test], labels[test], tuple(str(i) for i in range(10)))
