@@ -202,59 +202,47 @@ def _set(config: ml_collections.ConfigDict, key: str, value: Any, who: str) -> N
     target[leaf] = value
 
 
-def base_for(p: ml_collections.ConfigDict, args) -> ml_collections.ConfigDict:
+def _override(config: ml_collections.ConfigDict, overrides, who: str) -> ml_collections.ConfigDict:
+    for key, value in overrides:
+        _set(config, key, value, who)
+    return config
+
+
+def piece_config(p: ml_collections.ConfigDict, args, piece: str) -> ml_collections.ConfigDict:
+    """The protocol's data, batch and dtype, and the schedule of ``p[piece]`` ("teachers" or "students")."""
     c = config_lib.base_config()
-    for key, value in p.data.items():
-        _set(c, f"data.{key}", value, f"protocol {p.name!r} data")
-    if args.data_path:
-        c.data.path = args.data_path
-    if args.cache_dir:
-        c.data.cache_dir = args.cache_dir
-    c.batch_size = p.batch_size
-    c.dtype = p.dtype
-    c.progress_bar = args.progress
+    _override(c, [(f"data.{key}", value) for key, value in p.data.items()], f"protocol {p.name!r} data")
+    c.data.path = args.data_path or c.data.path
+    c.data.cache_dir = args.cache_dir or c.data.cache_dir
+    c.batch_size, c.dtype, c.progress_bar = p.batch_size, p.dtype, args.progress
+    c.num_epochs = p[piece].epochs
+    c.optim.learning_rate = p[piece].learning_rate
+    c.optim.lr_decay_epochs = tuple(p[piece].lr_decay_epochs)
     return c
 
 
 def teacher_run_config(p: ml_collections.ConfigDict, args) -> ml_collections.ConfigDict:
     t = p.teachers
-    c = base_for(p, args)
+    c = piece_config(p, args, "teachers")
     c.teachers.model, c.teachers.num, c.teachers.width = t.model, t.num, t.width
-    c = train.teacher_config(c)
+    c = train.teacher_config(c)  # keeps the schedule: teachers.num_epochs / learning_rate are -1 (unset)
     c.seed = t.seed
-    c.num_epochs = t.epochs
-    c.optim.learning_rate = t.learning_rate
-    c.optim.lr_decay_epochs = tuple(t.lr_decay_epochs)
-    for key, value in t.overrides:
-        _set(c, key, value, f"protocol {p.name!r} teachers")
-    return c
+    return _override(c, t.overrides, f"protocol {p.name!r} teachers")
 
 
 def student_config(p: ml_collections.ConfigDict, args, name: str, data_seed: int,
                    teacher_dirs: list[str]) -> ml_collections.ConfigDict:
     s, variant = p.students, VARIANTS[name]
-    c = base_for(p, args)
+    c = piece_config(p, args, "students")
     c.student.model, c.student.width = s.model, s.width
-    c.num_epochs = s.epochs
-    c.num_seeds = s.seeds
-    c.seed = data_seed
-    c.optim.learning_rate = s.learning_rate
-    c.optim.lr_decay_epochs = tuple(s.lr_decay_epochs)
-    c.distill.beta = s.beta
-    c.distill.method = variant.method
-    for key, value in s.overrides:
-        _set(c, key, value, f"protocol {p.name!r} students")
-    for key, value in variant.overrides:
-        _set(c, key, value, f"method {name!r} ({variant.label})")
+    c.num_seeds, c.seed, c.distill.beta, c.distill.method = s.seeds, data_seed, s.beta, variant.method
+    _override(c, s.overrides, f"protocol {p.name!r} students")
+    _override(c, variant.overrides, f"method {name!r} ({variant.label})")
     if s.warmup_epochs >= 0 and methods.resolve(c).warmup_epochs > 0:  # only methods that have a warm-up
         c.distill.warmup_epochs = s.warmup_epochs
-    if variant.method == "ce":
-        c.teachers.checkpoints = ()
-        c.teachers.model = ""
-    else:
-        c.teachers.model = p.teachers.model
-        c.teachers.checkpoints = tuple(teacher_dirs[:1] if methods.get(variant.method).teachers == "one"
-                                       else teacher_dirs)
+    single = methods.get(variant.method).teachers == "one"
+    c.teachers.model = "" if variant.method == "ce" else p.teachers.model
+    c.teachers.checkpoints = () if variant.method == "ce" else tuple(teacher_dirs[:1] if single else teacher_dirs)
     return c
 
 
