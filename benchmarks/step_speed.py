@@ -51,6 +51,14 @@ class FakeDataset:
     mean: tuple = (0.5071, 0.4867, 0.4408)
     std: tuple = (0.2675, 0.2565, 0.2761)
 
+    @property
+    def num_train(self) -> int:
+        return len(self.train_images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
 
 def load_config(path: str):
     spec = importlib.util.spec_from_file_location("bench_config", path)

@@ -104,9 +104,13 @@ class Dataset:
     def num_test(self) -> int:
         return int(self.test_images.shape[0])
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.train_images.shape[1:])  # type: ignore[return-value]
+
     def summary(self) -> str:
         """One line describing the dataset (for logs)."""
-        h, w, c = self.train_images.shape[1:]
+        h, w, c = self.image_shape
         return (
             f"{self.name} ({self.source}): {self.num_train} train / {self.num_test} test images "
             f"{h}x{w}x{c}, {self.num_classes} classes, mean {[round(float(v), 4) for v in self.mean]} "
