@@ -713,7 +713,7 @@ def run_mode(
     load_after = os.getloadavg()
     if probe_cpu:
         probe.append(cpu_matmul_gflops())
-    del batches  # shuts the workers down
+    batches.close()  # drops the DataLoader iterator: shuts the workers down
 
     best = int(np.argmax(rates))
     med_rate = statistics.median(rates)

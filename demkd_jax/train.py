@@ -82,11 +82,6 @@ class RunSpec:
         return parallel.replicated(self.mesh)
 
 
-def _feature_shapes(model: nn.Module, image_shape) -> list:
-    x0 = jnp.zeros((2, *image_shape), jnp.float32)
-    return jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), x0, train=False)[0][1])
-
-
 def build_setup(config, ds, teachers: Teachers | None) -> RunSpec:
     """The static description of the run: models, connectors, optimizer, execution modes."""
     dtype = jnp.dtype(config.dtype)
@@ -101,7 +96,8 @@ def build_setup(config, ds, teachers: Teachers | None) -> RunSpec:
     feature_index = connector = None
     if resolved.feature_term != "none":
         feature_index = config.distill.hint_layer if resolved.feature_term == "hint" else -2
-        s_feats, t_feats = _feature_shapes(student, ds.image_shape), _feature_shapes(teacher, ds.image_shape)
+        s_feats = models.feature_shapes(student, ds.image_shape)
+        t_feats = models.feature_shapes(teacher, ds.image_shape)
         validation.check_feature_index(feature_index, "student", config.student.model, len(s_feats) - 1)
         validation.check_feature_index(feature_index, "teacher", teachers.model_name, len(t_feats) - 1)
         t_shape = t_feats[feature_index].shape

@@ -10,8 +10,6 @@ import math
 import os
 import pathlib
 
-import jax
-
 from demkd_jax import checkpoint as ckpt_lib
 from demkd_jax import data as data_lib
 from demkd_jax import losses
@@ -152,11 +150,7 @@ def check_feature_index(index: int, who: str, model_name: str, n_maps: int) -> N
 
 def num_feature_maps(model_name: str, width: float = 1.0) -> int:
     """How many feature maps ``model_name`` returns before its pooled vector (traced, not compiled)."""
-    model = models.create_model(model_name, 10, width=width)
-    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jax.numpy.float32)
-    feats = jax.eval_shape(
-        lambda x: model.apply(model.init(jax.random.PRNGKey(0), x, train=False), x, train=False)[1], x)
-    return len(feats) - 1
+    return len(models.feature_shapes(models.create_model(model_name, 10, width=width))) - 1
 
 
 def _is_int(value) -> bool:

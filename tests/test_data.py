@@ -199,7 +199,7 @@ def write_tree(root: pathlib.Path, rng, counts=None, size=(32, 32)):
     counts = counts or {"train": {"dog": 3, "cat": 2, "bird": 2}, "test": {"dog": 1, "cat": 2, "bird": 1}}
     want = {}
     for split, per_class in counts.items():
-        xs, ys = [], []
+        xs = []
         for label, cls in enumerate(sorted(per_class)):
             (root / split / cls).mkdir(parents=True)
             for i in reversed(range(per_class[cls])):  # written out of name order

@@ -11,6 +11,7 @@ from demkd_jax.models import (
     PARAM_COUNTS,
     count_params,
     create_model,
+    feature_shapes,
     fold_batchnorm,
     init_variables,
     winograd,
@@ -55,6 +56,15 @@ def test_param_count_and_feature_layout(name):
         chex.assert_rank(f, 4)
     if name in REFERENCE_FEATURES:
         assert [f.shape[1:] for f in feats] == REFERENCE_FEATURES[name]
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_FEATURES))
+def test_feature_shapes_follow_the_image_size(name):
+    assert [f.shape[1:] for f in feature_shapes(create_model(name))] == REFERENCE_FEATURES[name]
+    halved = [(h // 2, w // 2, c) for h, w, c in REFERENCE_FEATURES[name][:-1]] + REFERENCE_FEATURES[name][-1:]
+    small = feature_shapes(create_model(name), (16, 16, 3))
+    assert [f.shape[1:] for f in small] == halved
+    chex.assert_equal(small[0].shape[0], 2)
 
 
 def test_num_classes_sets_the_classifier():

@@ -329,7 +329,7 @@ def test_two_processes_give_the_one_process_run(tiny_inputs):
                    "num_epochs": 1, "distill.feature_start_epoch": 1})  # 6 teacher + 6 student steps, features on
     runs = lambda where: [{"name": "pipeline", "workdir": str(root / where / "run")}]  # noqa: E731
     # The reference: one process with the same 8-device mesh. (1 vs 8 devices is the fast tests' subject.)
-    single = _launch(root, {"config": config, "runs": runs("single"), "controls": False}, "single", 1, 8)
+    _launch(root, {"config": config, "runs": runs("single"), "controls": False}, "single", 1, 8)
     multi = _launch(root, {"config": config, "runs": runs("multi"), "controls": False}, "multi", 2, 4)
     reference = json.loads((root / "single" / "report.json").read_text())["runs"]["pipeline"]
     reports = [json.loads((root / "multi" / f"process_{i}" / "report.json").read_text()) for i in range(2)]

@@ -20,8 +20,8 @@ from demkd_jax.models import mobilenetv2, resnet, shufflenet, vgg, wrn
 from demkd_jax.models.connectors import Connector, StackedConnector, resize_feature_map
 from demkd_jax.models.layers import BN_EPSILON
 
-__all__ = ["MODEL_NAMES", "PARAM_COUNTS", "create_model", "init_variables", "count_params", "fold_batchnorm",
-           "Connector", "StackedConnector", "resize_feature_map"]
+__all__ = ["MODEL_NAMES", "PARAM_COUNTS", "create_model", "init_variables", "feature_shapes", "count_params",
+           "fold_batchnorm", "Connector", "StackedConnector", "resize_feature_map"]
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     **{name: functools.partial(vgg.VGG, stages) for name, stages in vgg.CONFIGS.items()},
@@ -79,6 +79,12 @@ def init_variables(model: nn.Module, rng: jax.Array, image_size: int = 32, batch
     """Initial ``{'params', 'batch_stats'}`` for a model on NHWC images of the given size."""
     x = jnp.zeros((batch_size, image_size, image_size, 3), jnp.float32)
     return model.init(rng, x, train=False)
+
+
+def feature_shapes(model: nn.Module, image_shape: tuple[int, int, int] = (32, 32, 3)) -> list:
+    """Shapes of ``model``'s feature maps and pooled vector at batch 2 (``jax.eval_shape``: traced, not compiled)."""
+    x = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)  # no array: nothing runs, nothing compiles
+    return jax.eval_shape(lambda x: model.init_with_output(jax.random.PRNGKey(0), x, train=False)[0][1], x)
 
 
 def count_params(params: Any) -> int:
