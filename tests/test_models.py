@@ -60,9 +60,10 @@ def test_param_count_and_feature_layout(name):
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_FEATURES))
 def test_feature_shapes_follow_the_image_size(name):
-    assert [f.shape[1:] for f in feature_shapes(create_model(name))] == REFERENCE_FEATURES[name]
+    model = create_model(name)
+    assert [f.shape[1:] for f in feature_shapes(model)] == REFERENCE_FEATURES[name]
     halved = [(h // 2, w // 2, c) for h, w, c in REFERENCE_FEATURES[name][:-1]] + REFERENCE_FEATURES[name][-1:]
-    small = feature_shapes(create_model(name), (16, 16, 3))
+    small = feature_shapes(model, (16, 16, 3))
     assert [f.shape[1:] for f in small] == halved
     chex.assert_equal(small[0].shape[0], 2)
 
