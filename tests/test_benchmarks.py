@@ -9,6 +9,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import load_benchmark
 
@@ -123,3 +124,49 @@ def test_conv_layers_tiny():
     assert [r["winograd_default"] for r in records] == [False, True]
     for r in records:
         assert {"xla_direct", "xla_winograd"} <= set(r["ms"]) and all(v > 0 for v in r["gflops"].values())
+
+
+def test_teacher_weight_stats_on_known_logits():
+    """Teacher 0 is confident and right, teacher 1 unsure and wrong on half the examples: the weights must favour
+    teacher 0, the most-weighted teacher is always right where they disagree, a random one half the time."""
+    tw = load_benchmark("teacher_weights")
+    n, c = 8, 5
+    labels = np.arange(n) % c
+    sure = np.full((n, c), -4.0)
+    sure[np.arange(n), labels] = 4.0
+    unsure = np.zeros((n, c))
+    unsure[np.arange(n), np.where(np.arange(n) % 2 == 0, labels, (labels + 1) % c)] = 0.5
+    stats = tw.weight_stats(np.stack([sure, unsure]).astype(np.float32), labels, "camkd")
+    assert stats["teacher_top1"] == [100.0, 50.0]
+    assert stats["disagree_percent"] == 50.0
+    assert stats["top_weighted_right_when_disagree"] == 100.0
+    assert stats["random_teacher_right_when_disagree"] == 50.0
+    assert stats["weight_mean"][0] > 0.5 > stats["weight_mean"][1]
+    assert abs(sum(stats["weight_mean"]) - 1.0) < 1e-3
+    assert stats["weight_std_over_examples"] == [0.0, 0.0]
+    assert stats["ensemble_top1_uniform"] == stats["ensemble_top1_weighted"] == 100.0
+
+
+def test_teacher_weights_on_saved_teachers(tmp_path, capsys):
+    from conftest import TINY_CLASSES, write_tiny_npz
+
+    from demkd_jax import checkpoint, models
+
+    root = write_tiny_npz(tmp_path / "npz", n_train=24, n_test=12, size=16)
+    model = models.create_model("resnet8", TINY_CLASSES, width=0.25)
+    dirs = []
+    for k in range(2):
+        variables = models.init_variables(model, jax.random.key(k), image_size=16)
+        dirs.append(str(checkpoint.save_teacher(tmp_path / f"t{k}", variables, model_name="resnet8",
+                                                num_classes=TINY_CLASSES, width=0.25)))
+    tw = load_benchmark("teacher_weights")
+    assert tw.main(["--teachers", *dirs, "--train-examples", "10", "--batch", "8", "--data", "source=npz",
+                    f"path={root}", "name=tiny", f"num_classes={TINY_CLASSES}", "image_size=16",
+                    f"cache_dir={tmp_path / 'cache'}"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["split"], r["examples"]) for r in records] == [("test", 12), ("train[:10]", 10)]
+    for r in records:
+        assert len(r["teacher_top1"]) == len(r["weight_mean"]) == 2
+        assert abs(sum(r["weight_mean"]) - 1.0) < 1e-3
+        assert 0.0 <= r["weight_spread"]["mean"] <= r["weight_spread"]["max"] <= 1.0
+        assert 0.0 <= r["ensemble_top1_weighted"] <= 100.0
