@@ -29,24 +29,25 @@ from demkd_jax import checkpoint, data, losses, models  # noqa: E402  pylint: di
 from demkd_jax.reproduce import load_protocol  # noqa: E402
 
 
-def teacher_logits(teacher_dirs: list[str], images: np.ndarray, mean: np.ndarray, std: np.ndarray,
-                   num_classes: int, batch: int) -> np.ndarray:
-    """``[K, N, C]`` float32 logits of each teacher (inference mode) on uint8 ``images``."""
+def load_teachers(teacher_dirs: list[str], num_classes: int) -> tuple[object, list[dict]]:
+    """``(model, [variables per teacher])`` of verified teacher checkpoints of one architecture."""
     metas = checkpoint.check_teacher_dirs(teacher_dirs, num_classes=num_classes)
     checkpoint.require_one_architecture(teacher_dirs, metas)
     model = models.create_model(metas[0]["model"], num_classes, width=float(metas[0].get("width", 1.0)))
+    return model, [checkpoint.load_teacher(d, num_classes=num_classes)[0] for d in teacher_dirs]
+
+
+def teacher_logits(model, teacher_vars: list[dict], images: np.ndarray, mean: np.ndarray, std: np.ndarray,
+                   batch: int) -> np.ndarray:
+    """``[K, N, C]`` float32 logits of each teacher (inference mode) on uint8 ``images``."""
 
     @jax.jit
     def forward(variables, x):
         out = model.apply(variables, data.normalize(x, mean, std), train=False)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    per_teacher = []
-    for d in teacher_dirs:
-        variables, _ = checkpoint.load_teacher(d, num_classes=num_classes)
-        per_teacher.append(np.concatenate([np.asarray(forward(variables, images[i:i + batch]))
-                                           for i in range(0, len(images), batch)]))
-    return np.stack(per_teacher)
+    return np.stack([np.concatenate([np.asarray(forward(v, images[i:i + batch])) for i in range(0, len(images), batch)])
+                     for v in teacher_vars])
 
 
 def weight_stats(logits: np.ndarray, labels: np.ndarray, scheme: str) -> dict:
@@ -101,8 +102,12 @@ def main(argv=None) -> int:
             cfg[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             cfg[key] = value  # a plain string (a path, a source name)
-    ds = data.load_dataset(cfg)
-    num_classes = len(ds.class_names)
+    try:
+        ds = data.load_dataset(cfg)
+        model, teacher_vars = load_teachers(args.teachers, len(ds.class_names))
+    except (data.DataError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
           f"{ds.summary()}", file=sys.stderr)
     splits = [("test", ds.test_images, ds.test_labels)]
@@ -110,7 +115,7 @@ def main(argv=None) -> int:
         n = min(args.train_examples, len(ds.train_labels))
         splits.append((f"train[:{n}]", ds.train_images[:n], ds.train_labels[:n]))
     for name, images, labels in splits:
-        logits = teacher_logits(args.teachers, images, ds.mean, ds.std, num_classes, args.batch)
+        logits = teacher_logits(model, teacher_vars, images, ds.mean, ds.std, args.batch)
         record = {"split": name, "scheme": args.scheme, **weight_stats(logits, np.asarray(labels), args.scheme),
                   "device": jax.devices()[0].device_kind, "jax": jax.__version__}
         print(json.dumps(record), flush=True)

@@ -170,3 +170,6 @@ def test_teacher_weights_on_saved_teachers(tmp_path, capsys):
         assert abs(sum(r["weight_mean"]) - 1.0) < 1e-3
         assert 0.0 <= r["weight_spread"]["mean"] <= r["weight_spread"]["max"] <= 1.0
         assert 0.0 <= r["ensemble_top1_weighted"] <= 100.0
+    assert tw.main(["--teachers", str(tmp_path / "missing"), "--data", "source=npz", f"path={root}", "name=tiny",
+                    f"num_classes={TINY_CLASSES}", "image_size=16", f"cache_dir={tmp_path / 'cache'}"]) == 2
+    assert "missing" in capsys.readouterr().err
