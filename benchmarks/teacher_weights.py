@@ -99,9 +99,13 @@ def main(argv=None) -> int:
         if not sep or key not in cfg:
             p.error(f"--data {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(cfg.keys()))}")
         try:
-            cfg[key] = ast.literal_eval(value)
+            parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            cfg[key] = value  # a plain string (a path, a source name)
+            parsed = value  # a plain string (a path, a source name)
+        try:
+            cfg[key] = parsed
+        except TypeError:
+            p.error(f"--data {item!r}: {key} must be {type(cfg[key]).__name__}, got {type(parsed).__name__}")
     try:
         ds = data.load_dataset(cfg)
         model, teacher_vars = load_teachers(args.teachers, len(ds.class_names))

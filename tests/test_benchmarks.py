@@ -173,3 +173,7 @@ def test_teacher_weights_on_saved_teachers(tmp_path, capsys):
     assert tw.main(["--teachers", str(tmp_path / "missing"), "--data", "source=npz", f"path={root}", "name=tiny",
                     f"num_classes={TINY_CLASSES}", "image_size=16", f"cache_dir={tmp_path / 'cache'}"]) == 2
     assert "missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        tw.main(["--teachers", *dirs, "--data", "downsample=two"])
+    assert exit_info.value.code == 2
+    assert "downsample must be int, got str" in capsys.readouterr().err
