@@ -5,6 +5,9 @@ Real data (../shared/data, or $DEMKD_SHARED_DATA) is used where present and skip
 
 from __future__ import annotations
 
+import concurrent.futures
+import concurrent.futures.process
+import io
 import os
 import pathlib
 import pickle
@@ -254,6 +257,43 @@ def test_folder_worker_processes_match_in_process_decoding(tmp_path):
     raw = sources.read_folder(root, num_workers=1)
     np.testing.assert_array_equal(raw.train_images, want["train"][0])
     np.testing.assert_array_equal(raw.test_images, want["test"][0])
+
+
+def _png_items(rng, n):
+    images = rand_images(rng, n)
+    items = []
+    for i, image in enumerate(images):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        items.append((f"img{i}.png", buf.getvalue()))
+    return images, items
+
+
+def test_decode_keeps_order_across_a_window_of_chunks():
+    images, items = _png_items(np.random.default_rng(8), 7)
+    decoded = sources._decode(iter(items), num_workers=1, chunk=2)  # 4 chunks, at most 2 in flight
+    np.testing.assert_array_equal(np.stack(decoded), images)
+
+
+def test_decode_finishes_in_process_when_the_pool_breaks(monkeypatch):
+    images, items = _png_items(np.random.default_rng(9), 7)
+
+    class BreaksAfterTwoChunks(concurrent.futures.Executor):
+        def __init__(self, *args, **kwargs):
+            self.submitted = 0
+
+        def submit(self, fn, *args):
+            future = concurrent.futures.Future()
+            self.submitted += 1
+            if self.submitted <= 2:
+                future.set_result(fn(*args))
+            else:
+                future.set_exception(concurrent.futures.process.BrokenProcessPool("a worker died"))
+            return future
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", BreaksAfterTwoChunks)
+    decoded = sources._decode(iter(items), num_workers=1, chunk=2)
+    np.testing.assert_array_equal(np.stack(decoded), images)  # nothing lost, nothing decoded twice
 
 
 def test_folder_errors(tmp_path):

@@ -4,6 +4,7 @@ docs/data.md). Each returns a :class:`RawData` (both splits, class names).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import importlib
 import importlib.util
@@ -278,27 +279,30 @@ def _decode(items: Iterable[tuple[str, bytes | None]], num_workers: int, chunk: 
     no gain); processes do. They are started with "spawn" (never "fork": JAX's threads may already run
     here), which re-imports the calling script's ``__main__`` module in each worker, so a script that
     sets ``num_workers > 0`` must keep its work under ``if __name__ == "__main__":`` (as absl's
-    ``app.run`` scripts do). If the pool breaks anyway, the images are decoded here, with a warning.
-    ``Executor.map`` submits each chunk as soon as ``items`` yields it, so reading an archive overlaps decoding.
+    ``app.run`` scripts do). If the pool breaks anyway, the images it had not returned are decoded here, with
+    a warning. At most ``2 * num_workers`` chunks are in flight, so reading an archive overlaps decoding and
+    only those chunks' encoded bytes are held at once.
     """
     if num_workers < 0:
         num_workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
     if num_workers == 0:
         return _decode_chunk(items)
     items = iter(items)
-    seen: list[tuple[str, bytes | None]] = []  # what was handed to the pool, to decode here if it breaks
-
-    def chunks() -> Iterator[list[tuple[str, bytes | None]]]:
-        while batch := list(itertools.islice(items, chunk)):
-            seen.extend(batch)
-            yield batch
-
+    images: list[np.ndarray] = []
+    in_flight: collections.deque = collections.deque()  # (chunk, future), oldest first
     pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        return [image for decoded in pool.map(_decode_chunk, chunks()) for image in decoded]
+        while True:
+            while len(in_flight) < 2 * num_workers and (batch := list(itertools.islice(items, chunk))):
+                in_flight.append((batch, pool.submit(_decode_chunk, batch)))
+            if not in_flight:
+                return images
+            images.extend(in_flight[0][1].result())
+            in_flight.popleft()
     except concurrent.futures.BrokenExecutor as e:
         logging.warning("image-decoding worker processes failed (%s); decoding in this process", e)
-        return _decode_chunk(itertools.chain(seen, items))
+        pending = itertools.chain.from_iterable(batch for batch, _ in in_flight)
+        return images + _decode_chunk(itertools.chain(pending, items))
     finally:
         pool.shutdown(cancel_futures=True)
 
