@@ -26,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from demkd_jax import checkpoint, data, losses, models  # noqa: E402  pylint: disable=g-import-not-at-top
-from demkd_jax.reproduce import load_protocol  # noqa: E402
+from demkd_jax.config import ConfigError  # noqa: E402
+from demkd_jax.reproduce import load_protocol, set_config_key  # noqa: E402
 
 
 def load_teachers(teacher_dirs: list[str], num_classes: int) -> tuple[object, list[dict]]:
@@ -103,9 +104,9 @@ def main(argv=None) -> int:
         except (ValueError, SyntaxError):
             parsed = value  # a plain string (a path, a source name)
         try:
-            cfg[key] = parsed
-        except TypeError:
-            p.error(f"--data {item!r}: {key} must be {type(cfg[key]).__name__}, got {type(parsed).__name__}")
+            set_config_key(cfg, key, parsed, f"--data {item!r}")
+        except ConfigError as e:
+            p.error(str(e))
     try:
         ds = data.load_dataset(cfg)
         model, teacher_vars = load_teachers(args.teachers, len(ds.class_names))

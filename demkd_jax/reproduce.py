@@ -191,20 +191,25 @@ def pair_protocol(args) -> ml_collections.ConfigDict:
     return p
 
 
-def _set(config: ml_collections.ConfigDict, key: str, value: Any, who: str) -> None:
-    """``config[a][b] = value`` for ``key = "a.b"``; a key this version lacks is one clear error."""
+def set_config_key(config: ml_collections.ConfigDict, key: str, value: Any, who: str) -> None:
+    """``config[a][b] = value`` for ``key = "a.b"``; a key this version lacks, or a value of the wrong type, is one
+    clear error."""
     *path, leaf = key.split(".")
     target = config
     for part in path:
         target = target.get(part) if isinstance(target, ml_collections.ConfigDict) else None
     if not isinstance(target, ml_collections.ConfigDict) or leaf not in target:
         raise config_lib.ConfigError(f"{who} sets config key {key!r}, which this version of demkd_jax does not have")
-    target[leaf] = value
+    try:
+        target[leaf] = value
+    except TypeError as e:
+        raise config_lib.ConfigError(f"{who} sets config key {key!r} to {value!r}: {leaf} must be "
+                                     f"{type(target[leaf]).__name__}, got {type(value).__name__}") from e
 
 
 def _override(config: ml_collections.ConfigDict, overrides, who: str) -> ml_collections.ConfigDict:
     for key, value in overrides:
-        _set(config, key, value, who)
+        set_config_key(config, key, value, who)
     return config
 
 

@@ -122,7 +122,10 @@ def test_protocol_files_and_clear_errors():
     c = config_lib.base_config()
     with pytest.raises(config_lib.ConfigError, match="method 'x' sets config key 'distill.no_such_key', which this "
                                                      "version of demkd_jax does not have"):
-        reproduce._set(c, "distill.no_such_key", 1, "method 'x'")
+        reproduce.set_config_key(c, "distill.no_such_key", 1, "method 'x'")
+    with pytest.raises(config_lib.ConfigError, match="protocol 'p' data sets config key 'data.downsample' to 'two': "
+                                                     "downsample must be int, got str"):
+        reproduce.set_config_key(c, "data.downsample", "two", "protocol 'p' data")
 
 
 def test_pair_warmup_scales_to_a_real_warmup():
